@@ -1,0 +1,3 @@
+from migrator.cli.app import main
+
+main()

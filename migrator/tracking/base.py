@@ -1,0 +1,59 @@
+"""The tracker interface."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from migrator.ranges import RangeList
+
+
+class TrackerError(Exception):
+    """A tracker cannot be used for this process (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class Collect:
+    """One round's answer.
+
+    dirty: pages whose content may differ from what was read before this
+        collect (written, or in memory that was not tracked continuously
+        since: new, moved, grown or re-registered mappings).
+    tracked: memory followed continuously from now on; a page outside it
+        cannot be known clean next round either.
+    untracked: memory of the process that no tracker follows (shared
+        mappings, or everything for `full`): it must cross at switch-over.
+    """
+
+    dirty: RangeList
+    tracked: RangeList
+    untracked: RangeList = field(default_factory=RangeList)
+    notes: tuple[str, ...] = ()
+
+
+class Tracker(abc.ABC):
+    name: str = "?"
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.started = False
+
+    @abc.abstractmethod
+    def start(self) -> Collect:
+        """Arm tracking; returns the initial state (everything dirty)."""
+
+    @abc.abstractmethod
+    def collect(self) -> Collect:
+        """Pages written since the previous collect (or start)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Remove every trace of tracking from the target.  Idempotent,
+        and safe after the target died."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,27 @@
+"""Which memory of a process a tracker follows.
+
+Trackable memory is what CRIU dumps as the process's own pages: private
+mappings, anonymous or file-backed, except the kernel's special ones
+([vdso], [vvar], ...).  Shared mappings are "untracked": their pages are
+not the process's alone, CRIU carries shared memory separately, and no
+tracker here can vouch for them, so they cross in the frozen final step.
+"""
+
+from __future__ import annotations
+
+from migrator.kernel.procfs import Vma, read_maps
+from migrator.ranges import RangeList
+
+
+def is_trackable(vma: Vma) -> bool:
+    return vma.private and not vma.special
+
+
+def memory_map(pid: int) -> tuple[RangeList, RangeList]:
+    """(trackable, untracked) memory of `pid` right now."""
+    tracked, untracked = [], []
+    for v in read_maps(pid):
+        if v.special:
+            continue
+        (tracked if is_trackable(v) else untracked).append((v.start, v.end))
+    return RangeList(tracked), RangeList(untracked)

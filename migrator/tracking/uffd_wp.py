@@ -1,0 +1,136 @@
+"""uffd-wp: userfaultfd write-protection in async mode, read with PAGEMAP_SCAN.
+
+The target creates the userfaultfd itself (it is bound to the creator's
+memory), by syscall injection; we keep the only copy.  Every trackable
+range is registered with UFFDIO_REGISTER_MODE_WP and write-protected.  A
+write then clears the page's protection bit in the page table without any
+fault reaching us (WP_ASYNC), and PAGEMAP_SCAN with PM_SCAN_WP_MATCHING
+reports the written pages and protects them again, atomically per page.
+
+Memory that was not registered continuously since the previous collect is
+reported whole (invariant 2): a new mapping, a moved one (mremap drops the
+registration), a grown one, and any range PAGEMAP_SCAN refuses with EPERM
+(PM_SCAN_CHECK_WPASYNC: something there is no longer registered).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from migrator.kernel.inject import Injection
+from migrator.kernel.pagemap import Pagemap
+from migrator.kernel.uffd import Userfaultfd
+from migrator.ranges import RangeList
+from migrator.tracking.base import Collect, Tracker, TrackerError
+from migrator.tracking.memory import memory_map
+from migrator.tracking.scan import concat
+
+
+class UffdWpTracker(Tracker):
+    name = "uffd-wp"
+
+    def __init__(self, pid: int, inject_timeout: float = 2.0):
+        super().__init__(pid)
+        self.inject_timeout = inject_timeout
+        self._uffd: Userfaultfd | None = None
+        self._pagemap: Pagemap | None = None
+        self._registered = RangeList()
+
+    def start(self) -> Collect:
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            with Injection(self.pid, timeout=self.inject_timeout) as inj:
+                self._uffd = Userfaultfd.take_from(inj, pidfd)
+        except OSError as e:
+            raise TrackerError(
+                f"cannot create a userfaultfd inside pid {self.pid}: {e}"
+            ) from e
+        finally:
+            os.close(pidfd)
+        try:
+            if not self._uffd.wp_async:
+                raise TrackerError("kernel lacks UFFD_FEATURE_WP_ASYNC")
+            self._pagemap = Pagemap(self.pid)
+            self.started = True
+            tracked, untracked = memory_map(self.pid)
+            notes = self._register(tracked)
+            return Collect(dirty=tracked, tracked=self._registered,
+                           untracked=untracked | (tracked - self._registered),
+                           notes=notes)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _register(self, ranges: RangeList) -> tuple[str, ...]:
+        """Register what we can; a range the kernel refuses stays untracked
+        (and so always dirty) with a note saying why."""
+        ok, notes = [], []
+        for s, e in ranges:
+            try:
+                self._uffd.register_wp(s, e)
+                ok.append((s, e))
+            except OSError as err:
+                if err.errno in (errno.ENOMEM, errno.EINVAL, errno.EPERM):
+                    # unmapped meanwhile, or a mapping uffd cannot track
+                    notes.append(f"untracked [{s:#x}, {e:#x}): {err.strerror}")
+                    continue
+                raise
+        self._registered = self._registered | RangeList(ok)
+        return tuple(notes)
+
+    def collect(self) -> Collect:
+        if not self.started:
+            raise TrackerError("collect() before start()")
+        tracked, untracked = memory_map(self.pid)
+        # Registrations of memory that is gone or no longer trackable.
+        self._registered = self._registered & tracked
+        fresh = tracked - self._registered
+        # Memory that lost its registration while keeping its place
+        # (munmap + mmap over it, MAP_FIXED) is new memory too.
+        lost = concat([self._pagemap.scan_unregistered(s, e)
+                       for s, e in self._registered])
+        if lost:
+            self._registered = self._registered - lost
+        parts = []
+        suspect = []
+        for s, e in self._registered:
+            try:
+                parts.append(self._pagemap.scan_written(s, e))
+            except OSError as err:
+                if err.errno != errno.EPERM:
+                    raise
+                # Lost its registration after the check above: the pages
+                # this scan had already re-protected were not returned to
+                # us, so the whole run must count as written.
+                suspect.append((s, e))
+        if suspect:
+            lost = lost | RangeList(suspect)
+            self._registered = self._registered - lost
+        notes = self._register(fresh | lost)
+        dirty = concat(parts)
+        if fresh or lost:
+            dirty = dirty | fresh | lost
+        return Collect(dirty=dirty, tracked=self._registered,
+                       untracked=untracked | (tracked - self._registered),
+                       notes=notes)
+
+    def stop(self) -> None:
+        uffd, self._uffd = self._uffd, None
+        pm, self._pagemap = self._pagemap, None
+        self.started = False
+        if pm:
+            pm.close()
+        if uffd is None:
+            return
+        try:
+            # Unregistering clears the write-protection bits now; closing
+            # the fd alone would leave them until the kernel's release.
+            for s, e in self._registered:
+                try:
+                    uffd.unregister(s, e)
+                except OSError:
+                    pass  # the process or the mapping is gone
+        finally:
+            self._registered = RangeList()
+            uffd.close()

@@ -1,0 +1,241 @@
+/*
+ * userfaultfd write-protect tracking of another process's memory.
+ *
+ * A userfaultfd is bound to the mm of the process that calls
+ * userfaultfd(2), so the target must create it itself (syscall injection);
+ * we take a duplicate with pidfd_getfd and close the target's copy, which
+ * leaves the target without a new fd while the registration stays ours.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "migrator_native.h"
+#include "uapi_compat.h"
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+static int close_in_target(struct mig_inject *s, long fd)
+{
+	long args[6] = { fd, 0, 0, 0, 0, 0 };
+	long res = 0;
+	int err = mig_inject_syscall(s, mig_nr_close(), args, &res);
+
+	if (err < 0)
+		return err;
+	return res < 0 ? (int)res : 0;
+}
+
+static int uffd_api(int uffd, unsigned *features)
+{
+	struct uffdio_api api;
+	__u64 want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+
+	/* The API handshake may be done once per fd, so ask the kernel what
+	 * it offers first through a throwaway fd of our own... */
+	int probe = syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY);
+	if (probe < 0)
+		probe = syscall(SYS_userfaultfd, O_CLOEXEC);
+	if (probe >= 0) {
+		memset(&api, 0, sizeof(api));
+		api.api = UFFD_API;
+		if (ioctl(probe, UFFDIO_API, &api) == 0)
+			want &= api.features;
+		close(probe);
+	}
+	/* ...then enable exactly the wanted subset on the target's fd. */
+	memset(&api, 0, sizeof(api));
+	api.api = UFFD_API;
+	api.features = want;
+	if (ioctl(uffd, UFFDIO_API, &api) < 0)
+		return -errno;
+	*features = 0;
+	if (api.features & UFFD_FEATURE_WP_ASYNC)
+		*features |= MIG_UFFD_HAS_WP_ASYNC;
+	if (api.features & UFFD_FEATURE_WP_UNPOPULATED)
+		*features |= MIG_UFFD_HAS_WP_UNPOPULATED;
+	if (!(*features & MIG_UFFD_HAS_WP_ASYNC))
+		return -EOPNOTSUPP;
+	return 0;
+}
+
+int mig_uffd_open(struct mig_inject *s, int pidfd, unsigned *features)
+{
+	/* UFFD_USER_MODE_ONLY lets the fd be created without
+	 * CAP_SYS_PTRACE in the target when vm.unprivileged_userfaultfd is 0;
+	 * kernels before 5.11 reject the flag, so retry without it. */
+	long flags[2] = { O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY,
+			  O_CLOEXEC | O_NONBLOCK };
+	long tfd = -EINVAL;
+	int err, ours;
+
+	for (int i = 0; i < 2 && tfd == -EINVAL; i++) {
+		long args[6] = { flags[i], 0, 0, 0, 0, 0 };
+		err = mig_inject_syscall(s, mig_nr_userfaultfd(), args, &tfd);
+		if (err < 0)
+			return err;
+	}
+	if (tfd < 0)
+		return (int)tfd;
+
+	ours = syscall(SYS_pidfd_getfd, pidfd, (int)tfd, 0);
+	err = ours < 0 ? -errno : 0;
+	/* Whatever happened, the target must not keep the fd. */
+	int cerr = close_in_target(s, tfd);
+	if (err < 0)
+		return err;
+	if (cerr < 0) {
+		close(ours);
+		return cerr;
+	}
+	err = uffd_api(ours, features);
+	if (err < 0) {
+		close(ours);
+		return err;
+	}
+	return ours;
+}
+
+int mig_uffd_open_local(unsigned *features)
+{
+	int fd = syscall(SYS_userfaultfd,
+			 O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+	int err;
+
+	if (fd < 0 && errno == EINVAL)
+		fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		return -errno;
+	err = uffd_api(fd, features);
+	if (err < 0) {
+		close(fd);
+		return err;
+	}
+	return fd;
+}
+
+int mig_uffd_register_wp(int uffd, uint64_t start, uint64_t end)
+{
+	struct uffdio_register reg = {
+		.range = { .start = start, .len = end - start },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	struct uffdio_writeprotect wp = {
+		.range = { .start = start, .len = end - start },
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
+	};
+
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+		return -errno;
+	/* Registration alone protects nothing already mapped. */
+	if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+		int err = -errno;
+		struct uffdio_range r = { .start = start, .len = end - start };
+		ioctl(uffd, UFFDIO_UNREGISTER, &r);
+		return err;
+	}
+	return 0;
+}
+
+int mig_uffd_unregister(int uffd, uint64_t start, uint64_t end)
+{
+	struct uffdio_range r = { .start = start, .len = end - start };
+
+	if (ioctl(uffd, UFFDIO_UNREGISTER, &r) < 0) {
+		/* The mapping went away (munmap, exit): nothing to undo. */
+		if (errno == ENOMEM || errno == ESRCH)
+			return 0;
+		return -errno;
+	}
+	return 0;
+}
+
+/*
+ * Runs of pages matching `mask` in [start, end), written to `out` as merged
+ * mig_range entries.  PAGEMAP_SCAN fills struct page_region (24 bytes);
+ * to need no second buffer, the kernel writes them into the tail of `out`
+ * and they are compacted forward into 16-byte ranges, a write never
+ * overtaking a region not yet read.
+ */
+long mig_pagemap_runs(int pagemap_fd, uint64_t start, uint64_t end,
+		      struct mig_range *out, size_t max_out, uint64_t *walk_end,
+		      uint64_t flags, uint64_t mask, uint64_t inverted)
+{
+	const size_t per = sizeof(struct page_region);
+	size_t total = 0;
+
+	*walk_end = start;
+	while (start < end) {
+		size_t room = (max_out - total) * sizeof(*out) / per;
+		if (room == 0)
+			break;
+		struct page_region *v = (struct page_region *)
+			((char *)(out + max_out) - room * per);
+		struct pm_scan_arg arg = {
+			.size = sizeof(arg),
+			.flags = flags,
+			.start = start,
+			.end = end,
+			.vec = (uintptr_t)v,
+			.vec_len = room,
+			.category_inverted = inverted,
+			.category_mask = mask,
+			.return_mask = mask,
+		};
+		long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+		if (n < 0)
+			return -errno;
+		for (long i = 0; i < n; i++) {
+			uint64_t s = v[i].start, e = v[i].end;
+			if (total && out[total - 1].end == s) {
+				out[total - 1].end = e;
+			} else {
+				out[total].start = s;
+				out[total].end = e;
+				total++;
+			}
+		}
+		start = arg.walk_end;
+		*walk_end = start;
+	}
+	return (long)total;
+}
+
+long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
+		      struct mig_range *out, size_t max_out, uint64_t *walk_end)
+{
+	return mig_pagemap_runs(pagemap_fd, start, end, out, max_out,
+				walk_end,
+				PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+				PAGE_IS_WRITTEN, 0);
+}
+
+long mig_scan_unregistered(int pagemap_fd, uint64_t start, uint64_t end,
+			   struct mig_range *out, size_t max_out,
+			   uint64_t *walk_end)
+{
+	/* PAGE_IS_WPALLOWED is a property of the whole VMA, so the kernel
+	 * skips registered VMAs without walking their page tables. */
+	return mig_pagemap_runs(pagemap_fd, start, end, out, max_out,
+				walk_end, 0, PAGE_IS_WPALLOWED,
+				PAGE_IS_WPALLOWED);
+}
+
+int mig_pagemap_scan_supported(int pagemap_fd)
+{
+	/* An empty range is a valid no-op scan on kernels that know the
+	 * ioctl; older kernels answer ENOTTY. */
+	struct pm_scan_arg arg = { .size = sizeof(arg) };
+
+	if (ioctl(pagemap_fd, PAGEMAP_SCAN, &arg) == 0)
+		return 1;
+	if (errno == ENOTTY || errno == EINVAL)
+		return 0;
+	return -errno;
+}

@@ -1,0 +1,339 @@
+"""The node image: a Debian 13 (trixie) root filesystem for the test beds.
+
+Why trixie: Debian 12's CRIU (3.17) fails on current kernels, trixie's 4.1.1
+works.  Trixie packages stay inside this root; the host's apt sources are
+never touched (adding trixie there upgrades the host's libc).
+
+The image is cached outside the git tree (``$MIGRATOR_BEDS_DIR``, default
+``/var/cache/migrator-beds``) so that clean checkouts on the same machine
+reuse it.  It is keyed by a hash of its recipe; a changed recipe builds a new
+image next to the old one.  A build happens in a temporary directory that is
+renamed into place only when complete, so a crashed build never leaves
+something that looks like an image.
+
+    python -m tests.beds.image      # build (or find) the image, print its path
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+# Bump when the steps below change in a way the package list does not show.
+RECIPE_VERSION = "beds-image-3"
+
+SUITE = "trixie"
+VARIANT = "minbase"
+
+# What a node needs: runtimes and CRIU (iptables: CRIU locks the network with
+# iptables-restore), tools the beds drive (iproute2, procps), busybox-static
+# as a ready-made container rootfs, and everything the project needs to run
+# from the bind-mounted working tree, including building its cffi extension
+# for the image's own Python.  python3-venv is left out on purpose: nodes use
+# Debian's python3 with Debian's packages, so no pip install is needed.
+PACKAGES = (
+    "criu",
+    "runc",
+    "crun",
+    "iptables",
+    "iproute2",
+    "procps",
+    "busybox-static",
+    "python3",
+    "python3-cffi",
+    # debootstrap's resolver does not follow virtual packages:
+    # python3-pycparser depends on python3-ply-{lex,yacc}-3.10, which only
+    # python3-ply provides.
+    "python3-ply",
+    "python3-msgpack",
+    "python3-zstandard",
+    "python3-typer",
+    "python3-pyroute2",
+    "python3-pytest",
+    "python3-hypothesis",
+    "python3-setuptools",
+    "python3-dev",
+    "gcc",
+    "libc6-dev",
+    "linux-libc-dev",
+)
+
+# The host's CA bundle, carried into the image: HTTPS to package registries
+# may go through a proxy whose CA only the host trusts.
+CA_BUNDLE = pathlib.Path("/etc/ssl/certs/ca-certificates.crt")
+
+DEFAULT_BEDS_DIR = "/var/cache/migrator-beds"
+BUILD_TIMEOUT = 30 * 60
+STAMP = "etc/migrator-bed-image"
+
+
+class ImageError(RuntimeError):
+    """The image cannot be built; the message says which capability is missing."""
+
+
+def beds_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MIGRATOR_BEDS_DIR") or DEFAULT_BEDS_DIR)
+
+
+def _ca_digest() -> str:
+    # Part of the key: a changed host trust store must reach the image.
+    try:
+        return hashlib.sha256(CA_BUNDLE.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "no-ca-bundle"
+
+
+def recipe_key() -> str:
+    recipe = "\n".join(
+        [RECIPE_VERSION, SUITE, VARIANT, ",".join(sorted(PACKAGES)), _ca_digest()]
+    )
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def image_path() -> pathlib.Path:
+    """Where the image for the current recipe lives (it may not exist yet)."""
+    return beds_dir() / "images" / f"trixie-{recipe_key()}"
+
+
+def _sources_files() -> list[pathlib.Path]:
+    files = []
+    main = pathlib.Path("/etc/apt/sources.list")
+    if main.exists():
+        files.append(main)
+    d = pathlib.Path("/etc/apt/sources.list.d")
+    if d.is_dir():
+        files.extend(sorted(d.glob("*.sources")) + sorted(d.glob("*.list")))
+    return files
+
+
+def _is_main_archive(uri: str, suites: list[str]) -> bool:
+    # The security archive has a different layout; debootstrap needs the
+    # main archive.
+    if any(s.endswith("-security") or "/" in s for s in suites):
+        return False
+    return uri.startswith(("http://", "https://")) and "security" not in uri
+
+
+def debian_mirror() -> str:
+    """The Debian mirror the host's apt uses, read at run time.
+
+    MIGRATOR_DEBIAN_MIRROR overrides it.  Only http(s) mirrors are accepted.
+    """
+    override = os.environ.get("MIGRATOR_DEBIAN_MIRROR")
+    if override:
+        return override
+    for path in _sources_files():
+        text = path.read_text(errors="replace")
+        if path.suffix == ".sources":
+            # deb822: blank-line separated stanzas of "Key: value" fields.
+            for stanza in text.split("\n\n"):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line or line[:1].isspace():
+                        continue
+                    k, v = line.split(":", 1)
+                    fields[k.strip().lower()] = v.strip()
+                if fields.get("enabled", "yes").lower() == "no":
+                    continue
+                if "deb" not in fields.get("types", "").split():
+                    continue
+                suites = fields.get("suites", "").split()
+                for uri in fields.get("uris", "").split():
+                    if _is_main_archive(uri, suites):
+                        return uri
+        else:
+            for line in text.splitlines():
+                words = line.split("#", 1)[0].split()
+                if not words or words[0] != "deb":
+                    continue
+                words = [w for w in words[1:] if not w.startswith("[")]
+                if len(words) >= 2 and _is_main_archive(words[0], [words[1]]):
+                    return words[0]
+    raise ImageError("no Debian mirror found in the host's apt sources")
+
+
+def _mounts_below(path: pathlib.Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == str(path) or mp.startswith(prefix):
+                found.append(mp)
+    return found
+
+
+def remove_tree(path: pathlib.Path) -> None:
+    """rmtree that first detaches anything mounted below ``path``.
+
+    A plain rmtree into a leftover bind mount of /dev or /sys would delete
+    the host's files.
+    """
+    for mp in sorted(_mounts_below(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+    if _mounts_below(path):
+        raise ImageError(f"cannot remove {path}: still has mounts below it")
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(images: pathlib.Path, log: Callable[[str], None]) -> None:
+    # Temporary build dirs are named .build-<key>-<pid>; the pid is the
+    # builder.  Called with the build lock held, so a live builder of the
+    # same key cannot exist, but a builder of another key may: keep those.
+    for tmp in images.glob(".build-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        log(f"removing half-built image {tmp}")
+        remove_tree(tmp)
+
+
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise ImageError("building the node image needs root")
+    if not shutil.which("debootstrap"):
+        raise ImageError("debootstrap is not installed on the host (apt-get install debootstrap)")
+    if not shutil.which("unshare"):
+        raise ImageError("unshare (util-linux) is not installed on the host")
+
+
+def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: bool) -> None:
+    logfile = tmp.parent / f"{tmp.name}.log"
+    # Downloaded .debs are kept: a recipe change then rebuilds without
+    # fetching everything again.
+    cache = beds_dir() / "debs"
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        # A private mount namespace: whatever debootstrap mounts inside the
+        # target (proc, sys) vanishes with it, even if it is killed.
+        "unshare", "--mount", "--propagation", "private",
+        "debootstrap", f"--variant={VARIANT}", f"--cache-dir={cache}", f"--include={','.join(PACKAGES)}",
+        SUITE, str(tmp), mirror,
+    ]
+    log(f"running: {' '.join(cmd[4:])}")
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        try:
+            deadline = time.monotonic() + BUILD_TIMEOUT
+            for line in proc.stdout:
+                out.write(line)
+                if verbose:
+                    sys.stdout.write(line.decode(errors="replace"))
+                    sys.stdout.flush()
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if rc != 0:
+        # Keep debootstrap's own log (it has the real error); the target
+        # directory is removed after this.
+        inner = tmp / "debootstrap" / "debootstrap.log"
+        if inner.exists():
+            with open(logfile, "ab") as out:
+                out.write(b"\n==== debootstrap/debootstrap.log ====\n" + inner.read_bytes())
+        tail = logfile.read_text(errors="replace").splitlines()[-25:]
+        raise ImageError(
+            f"debootstrap failed (exit {rc}); log {logfile}:\n" + "\n".join(tail)
+        )
+    logfile.unlink(missing_ok=True)
+
+    if CA_BUNDLE.exists():
+        dest = tmp / str(CA_BUNDLE).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(CA_BUNDLE, dest)
+    # Downloaded .debs are not needed in a read-only lower layer.
+    shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
+    (tmp / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    # Mount points the nodes use.
+    for d in ("src", "sys/fs/cgroup", "run", "tmp", "proc", "dev", ".oldroot"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    (tmp / STAMP).write_text(
+        f"recipe={RECIPE_VERSION}\nkey={recipe_key()}\nsuite={SUITE}\n"
+        f"packages={' '.join(PACKAGES)}\nbuilt={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+    )
+
+
+def ensure_image(log: Optional[Callable[[str], None]] = None, verbose: bool = False) -> pathlib.Path:
+    """Return the path of a complete node image, building it if needed.
+
+    Idempotent and quick when the image for the current recipe exists.
+    Concurrent callers serialise on a lock file; only one builds.
+    Raises ImageError when the host cannot build it.
+    """
+    log = log or (lambda msg: None)
+    final = image_path()
+    if (final / STAMP).exists():
+        return final
+    _check_host()
+    images = final.parent
+    images.mkdir(parents=True, exist_ok=True)
+    with open(images / f".lock-{final.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / STAMP).exists():  # someone else built it while we waited
+            return final
+        _remove_stale_builds(images, log)
+        if final.exists():
+            # Exists without a stamp: not one of ours, or damaged.
+            log(f"removing incomplete image {final}")
+            remove_tree(final)
+        tmp = images / f".build-{final.name}-{os.getpid()}"
+        mirror = debian_mirror()
+        log(f"building node image {final.name} from {mirror} (takes about a minute)")
+        started = time.monotonic()
+        try:
+            _build(tmp, mirror, log, verbose)
+            os.rename(tmp, final)  # atomic: same directory
+        except BaseException:
+            try:
+                remove_tree(tmp)
+            except Exception:
+                pass  # leave it for _remove_stale_builds on the next run
+            raise
+        log(f"image ready in {time.monotonic() - started:.0f} s: {final}")
+    return final
+
+
+def main() -> int:
+    def say(msg: str) -> None:
+        print(f"[image] {msg}", flush=True)
+
+    try:
+        path = ensure_image(log=say, verbose="-q" not in sys.argv[1:])
+    except ImageError as e:
+        say(f"error: {e}")
+        return 1
+    say(f"image: {path}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
