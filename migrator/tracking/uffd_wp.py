@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 
+from migrator import faults
 from migrator.kernel.inject import Injection
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.uffd import Userfaultfd
@@ -65,18 +66,19 @@ class UffdWpTracker(Tracker):
     def _register(self, ranges: RangeList) -> tuple[str, ...]:
         """Register what we can; a range the kernel refuses stays untracked
         (and so always dirty) with a note saying why."""
-        ok, notes = [], []
+        notes = []
         for s, e in ranges:
             try:
                 self._uffd.register_wp(s, e)
-                ok.append((s, e))
+                # recorded at once, so that stop() undoes it on any failure
+                self._registered = self._registered | RangeList([(s, e)])
+                faults.check("uffd-register")
             except OSError as err:
                 if err.errno in (errno.ENOMEM, errno.EINVAL, errno.EPERM):
                     # unmapped meanwhile, or a mapping uffd cannot track
                     notes.append(f"untracked [{s:#x}, {e:#x}): {err.strerror}")
                     continue
                 raise
-        self._registered = self._registered | RangeList(ok)
         return tuple(notes)
 
     def collect(self) -> Collect:
@@ -97,6 +99,7 @@ class UffdWpTracker(Tracker):
         for s, e in self._registered:
             try:
                 parts.append(self._pagemap.scan_written(s, e))
+                faults.check("uffd-collect")
             except OSError as err:
                 if err.errno != errno.EPERM:
                     raise

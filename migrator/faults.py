@@ -1,0 +1,17 @@
+"""Fault injection for tests, in the manner of CRIU's: MIGRATOR_FAULT names
+failure points (comma-separated) at which the code raises as if the kernel
+had failed there, so every cleanup path can be exercised for real.
+
+Points: uffd-register (after the first range is registered),
+uffd-collect (after the first run is scanned).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def check(point: str) -> None:
+    if point in os.environ.get("MIGRATOR_FAULT", "").split(","):
+        raise OSError(errno.EIO, f"injected fault at {point} (MIGRATOR_FAULT)")
