@@ -116,3 +116,25 @@ def threads(pid: int) -> list[int]:
 def comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of every thread of `pid` (needs
+    CONFIG_PROC_CHILDREN, present in distribution kernels)."""
+    out = []
+    for tid in threads(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            continue  # the thread exited meanwhile
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, parents before children."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree.extend(c for c in children(tree[i]) if c not in tree)
+        i += 1
+    return tree
