@@ -19,9 +19,20 @@ def is_trackable(vma: Vma) -> bool:
 
 def memory_map(pid: int) -> tuple[RangeList, RangeList]:
     """(trackable, untracked) memory of `pid` right now."""
-    tracked, untracked = [], []
+    vmas, untracked = trackable_vmas(pid)
+    return RangeList(vmas), untracked
+
+
+def trackable_vmas(pid: int) -> tuple[list[tuple[int, int]], RangeList]:
+    """The trackable mappings one by one (neighbours are not merged, so a
+    mapping the kernel refuses to register costs only itself), and the
+    untracked memory."""
+    vmas, untracked = [], []
     for v in read_maps(pid):
         if v.special:
             continue
-        (tracked if is_trackable(v) else untracked).append((v.start, v.end))
-    return RangeList(tracked), RangeList(untracked)
+        if is_trackable(v):
+            vmas.append((v.start, v.end))
+        else:
+            untracked.append((v.start, v.end))
+    return vmas, RangeList(untracked)

@@ -24,7 +24,7 @@ from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.uffd import Userfaultfd
 from migrator.ranges import RangeList
 from migrator.tracking.base import Collect, Tracker, TrackerError
-from migrator.tracking.memory import memory_map
+from migrator.tracking.memory import trackable_vmas
 from migrator.tracking.scan import concat
 
 
@@ -37,6 +37,8 @@ class UffdWpTracker(Tracker):
         self._uffd: Userfaultfd | None = None
         self._pagemap: Pagemap | None = None
         self._registered = RangeList()
+        # Mappings the kernel would not register: untracked, not retried.
+        self._refused = RangeList()
 
     def start(self) -> Collect:
         pidfd = os.pidfd_open(self.pid)
@@ -54,8 +56,9 @@ class UffdWpTracker(Tracker):
                 raise TrackerError("kernel lacks UFFD_FEATURE_WP_ASYNC")
             self._pagemap = Pagemap(self.pid)
             self.started = True
-            tracked, untracked = memory_map(self.pid)
-            notes = self._register(tracked)
+            vmas, untracked = trackable_vmas(self.pid)
+            tracked = RangeList(vmas)
+            notes = self._register(vmas, tracked)
             return Collect(dirty=tracked, tracked=self._registered,
                            untracked=untracked | (tracked - self._registered),
                            notes=notes)
@@ -63,11 +66,13 @@ class UffdWpTracker(Tracker):
             self.stop()
             raise
 
-    def _register(self, ranges: RangeList) -> tuple[str, ...]:
-        """Register what we can; a range the kernel refuses stays untracked
-        (and so always dirty) with a note saying why."""
+    def _register(self, vmas: list[tuple[int, int]],
+                  ranges: RangeList) -> tuple[str, ...]:
+        """Register the parts of `ranges` we can, mapping by mapping; a
+        mapping the kernel refuses (e.g. glibc's MAP_DROPPABLE getrandom
+        page) stays untracked, to cross at switch-over, with a note."""
         notes = []
-        for s, e in ranges:
+        for s, e in _split(ranges, vmas):
             try:
                 self._uffd.register_wp(s, e)
                 # recorded at once, so that stop() undoes it on any failure
@@ -77,6 +82,7 @@ class UffdWpTracker(Tracker):
                 if err.errno in (errno.ENOMEM, errno.EINVAL, errno.EPERM):
                     # unmapped meanwhile, or a mapping uffd cannot track
                     notes.append(f"untracked [{s:#x}, {e:#x}): {err.strerror}")
+                    self._refused = self._refused | RangeList([(s, e)])
                     continue
                 raise
         return tuple(notes)
@@ -84,10 +90,12 @@ class UffdWpTracker(Tracker):
     def collect(self) -> Collect:
         if not self.started:
             raise TrackerError("collect() before start()")
-        tracked, untracked = memory_map(self.pid)
+        vmas, untracked = trackable_vmas(self.pid)
+        tracked = RangeList(vmas)
         # Registrations of memory that is gone or no longer trackable.
         self._registered = self._registered & tracked
-        fresh = tracked - self._registered
+        self._refused = self._refused & tracked
+        fresh = tracked - self._registered - self._refused
         # Memory that lost its registration while keeping its place
         # (munmap + mmap over it, MAP_FIXED) is new memory too.
         lost = concat([self._pagemap.scan_unregistered(s, e)
@@ -110,7 +118,7 @@ class UffdWpTracker(Tracker):
         if suspect:
             lost = lost | RangeList(suspect)
             self._registered = self._registered - lost
-        notes = self._register(fresh | lost)
+        notes = self._register(vmas, fresh | lost) if fresh or lost else ()
         dirty = concat(parts)
         if fresh or lost:
             dirty = dirty | fresh | lost
@@ -137,3 +145,17 @@ class UffdWpTracker(Tracker):
         finally:
             self._registered = RangeList()
             uffd.close()
+
+
+def _split(ranges: RangeList, vmas: list[tuple[int, int]]):
+    """The pieces of `ranges` cut at mapping boundaries, in order."""
+    i = 0
+    for s, e in ranges:
+        while i < len(vmas) and vmas[i][1] <= s:
+            i += 1
+        j = i
+        while j < len(vmas) and vmas[j][0] < e:
+            lo, hi = max(s, vmas[j][0]), min(e, vmas[j][1])
+            if lo < hi:
+                yield lo, hi
+            j += 1
