@@ -29,8 +29,9 @@ class RangeList:
         self._a = _normalise(sorted((s, e) for s, e in pairs if e > s))
 
     @classmethod
-    def _from_flat(cls, flat: array) -> "RangeList":
-        """Wrap an already normalised flat array (no copy, no checks)."""
+    def from_normalised(cls, flat: array) -> "RangeList":
+        """Wrap a flat array that is already sorted, merged and without
+        empty runs, as the native scans return them (no copy, no checks)."""
         r = cls.__new__(cls)
         r._a = flat
         return r
@@ -39,7 +40,7 @@ class RangeList:
     def from_sorted_flat(cls, flat: array) -> "RangeList":
         """From a flat array of sorted, non-overlapping runs (touching runs
         are merged), as the native scans produce."""
-        return cls._from_flat(_merge_touching(flat))
+        return cls.from_normalised(_merge_touching(flat))
 
     # -- views ---------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -100,7 +101,7 @@ class RangeList:
                 i += 1
             else:
                 j += 1
-        return RangeList._from_flat(_merge_touching(out))
+        return RangeList.from_normalised(_merge_touching(out))
 
     __and__ = intersection
 
@@ -120,7 +121,7 @@ class RangeList:
                 k += 1
             if cur < e:
                 out.extend((cur, e))
-        return RangeList._from_flat(out)
+        return RangeList.from_normalised(out)
 
     __sub__ = difference
 

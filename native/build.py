@@ -13,7 +13,8 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["inject.c", "seccomp.c", "uffd.c", "softdirty.c", "vmread.c"]
+SOURCES = ["inject.c", "seccomp.c", "uffd.c", "pagemap_scan.c", "softdirty.c",
+           "vmread.c"]
 HEADERS = ["migrator_native.h", "uapi_compat.h"]
 
 CDEF = """
@@ -39,6 +40,17 @@ int mig_uffd_unregister(int uffd, uint64_t start, uint64_t end);
 long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
                       struct mig_range *out, size_t max_out,
                       uint64_t *walk_end);
+long mig_scan_written_ranges(int pagemap_fd, const struct mig_range *in,
+                             size_t n_in, struct mig_range *out,
+                             size_t max_out, size_t *next_in,
+                             uint64_t *walk_end);
+long mig_scan_unregistered_ranges(int pagemap_fd, const struct mig_range *in,
+                                  size_t n_in, struct mig_range *out,
+                                  size_t max_out, size_t *next_in,
+                                  uint64_t *walk_end);
+long mig_scan_populated(int pagemap_fd, uint64_t start, uint64_t end,
+                        struct mig_range *out, size_t max_out,
+                        uint64_t *walk_end);
 long mig_scan_unregistered(int pagemap_fd, uint64_t start, uint64_t end,
                            struct mig_range *out, size_t max_out,
                            uint64_t *walk_end);

@@ -77,7 +77,8 @@ long mig_nr_close(void);
 long mig_seccomp_verdict(struct mig_inject *s, long nr, const long args[6]);
 
 /* ------------------------------------------------------------------ */
-/* uffd.c: userfaultfd write-protect tracking and PAGEMAP_SCAN.        */
+/* uffd.c: userfaultfd write-protect tracking;                         */
+/* pagemap_scan.c: the PAGEMAP_SCAN ioctl.                             */
 /* ------------------------------------------------------------------ */
 
 /* Feature bits the kernel reported to mig_uffd_open. */
@@ -118,6 +119,13 @@ long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 		      struct mig_range *out, size_t max_out, uint64_t *walk_end);
 
 /*
+ * Runs of [start, end) whose pages are present or swapped: what exists
+ * to be copied (never-touched memory reads as zero and needs no copy).
+ */
+long mig_scan_populated(int pagemap_fd, uint64_t start, uint64_t end,
+			struct mig_range *out, size_t max_out, uint64_t *walk_end);
+
+/*
  * Runs of [start, end) that are mapped but not registered for async
  * write-protection (no PAGE_IS_WPALLOWED): memory whose registration was
  * lost (munmap + mmap over it, mremap).  Reads only; protects nothing.
@@ -125,6 +133,22 @@ long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 long mig_scan_unregistered(int pagemap_fd, uint64_t start, uint64_t end,
 			   struct mig_range *out, size_t max_out,
 			   uint64_t *walk_end);
+
+/*
+ * mig_scan_written and mig_scan_unregistered over many ranges in one call.
+ * Start at range *next_in, address *walk_end (0: its start); on return
+ * both say where to continue (*next_in == n_in when done).  A negative
+ * return is the errno of range *next_in (e.g. -EPERM); skip it (advance
+ * *next_in, zero *walk_end) and call again.  If some runs were already
+ * stored when a range fails, their count is returned first.
+ */
+long mig_scan_written_ranges(int pagemap_fd, const struct mig_range *in,
+			     size_t n_in, struct mig_range *out, size_t max_out,
+			     size_t *next_in, uint64_t *walk_end);
+long mig_scan_unregistered_ranges(int pagemap_fd, const struct mig_range *in,
+				  size_t n_in, struct mig_range *out,
+				  size_t max_out, size_t *next_in,
+				  uint64_t *walk_end);
 
 /*
  * The general form of the above: runs of pages whose PAGE_IS_* categories,

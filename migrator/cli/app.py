@@ -93,6 +93,131 @@ def track(
                 print(f"    note: {note}")
 
 
+def _auth(psk_file, tls_cert, tls_key, tls_ca, insecure):
+    from migrator.migration.transport import Auth
+    psk = None
+    if psk_file:
+        with open(psk_file, "rb") as f:
+            psk = f.read().strip()
+    a = Auth(psk=psk, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+             insecure=insecure)
+    a.check()
+    return a
+
+
+PskFile = Annotated[Optional[str], typer.Option(
+    "--psk-file", help="Pre-shared key file (the same on both nodes).")]
+TlsCert = Annotated[Optional[str], typer.Option("--tls-cert", help="TLS certificate (PEM).")]
+TlsKey = Annotated[Optional[str], typer.Option("--tls-key", help="TLS private key (PEM).")]
+TlsCa = Annotated[Optional[str], typer.Option(
+    "--tls-ca", help="CA that signed the peer's certificate (mutual TLS).")]
+Insecure = Annotated[bool, typer.Option(
+    "--insecure", help="Accept an unauthenticated peer (test setups only).")]
+
+
+class _Progress:
+    """Events as JSON lines (--json), or as short human lines."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def __call__(self, ev: dict) -> None:
+        if self.as_json:
+            print(json.dumps(ev), flush=True)
+            return
+        kind = ev.get("event")
+        if kind == "round" and "sent_bytes" in ev:
+            bw = (ev["bandwidth"] or 0) / 2**20
+            pred = ev.get("predicted_downtime_ms")
+            print(f"round {ev['round']:>3}: {ev['dirty_pages']:>8} pages, "
+                  f"{ev['sent_bytes'] / 2**20:8.1f} MiB sent, {bw:7.1f} MiB/s"
+                  + (f", next switch-over ~{pred:.0f} ms" if pred is not None else ""),
+                  flush=True)
+        elif kind == "done" and "downtime_ms" in ev:
+            print(f"done: {ev['rounds']} rounds, tracker {ev['tracker']}, "
+                  f"downtime {ev['downtime_ms']:.0f} ms, total "
+                  f"{ev['total_ms']:.0f} ms, {ev['sent_bytes'] / 2**20:.1f} MiB sent",
+                  flush=True)
+            for k, v in ev["breakdown_ms"].items():
+                print(f"    {k:<16} {v:10.1f}", flush=True)
+        else:
+            detail = ", ".join(f"{k}={v}" for k, v in ev.items() if k != "event")
+            print(f"{kind}: {detail}", flush=True)
+
+
+@app.command()
+def send(
+    pid: Annotated[int, typer.Option("--pid", help="Root of the process tree to migrate.")],
+    to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT (migrator recv).")],
+    downtime_ms: Annotated[float, typer.Option(
+        "--downtime-ms", min=1, help="Switch over when the final transfer should fit this.")] = 300,
+    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 30,
+    max_time: Annotated[float, typer.Option("--max-time", min=1, help="Seconds of pre-copy at most.")] = 300,
+    bandwidth: Annotated[Optional[float], typer.Option(
+        "--bandwidth", min=0.1, help="Cap the send rate, MiB/s.")] = None,
+    compress: Annotated[str, typer.Option(
+        "--compress", help="zstd level (e.g. 1, 3, 19; negative = faster) or 'off'.")] = "3",
+    tracker: Annotated[Optional[str], typer.Option("--tracker", help="Force a tracker.")] = None,
+    workdir: Annotated[Optional[str], typer.Option(
+        "--workdir", help="Local directory (tmpfs) for the final dump.")] = None,
+    tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
+    shell_job: Annotated[bool, typer.Option("--shell-job", help="The tree is attached to a terminal.")] = False,
+    psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
+    tls_ca: TlsCa = None, insecure: Insecure = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
+):
+    """Live-migrate a process tree to a node running 'migrator recv'."""
+    from migrator.migration.policy import Limits
+    from migrator.migration.source import SendOptions, send as run
+    _sigterm_as_interrupt()
+    emit = _Progress(as_json)
+    with exits.errors_to_exit(_emitter(as_json)):
+        level = None if compress == "off" else int(compress)
+        opts = SendOptions(
+            to=to, auth=_auth(psk_file, tls_cert, tls_key, tls_ca, insecure),
+            limits=Limits(downtime_ms, max_rounds, max_time),
+            bandwidth=bandwidth * 2**20 if bandwidth else None, level=level,
+            tracker=tracker, workdir=workdir, tcp_established=tcp_established,
+            shell_job=shell_job)
+        emit(run(pid, opts, emit))
+
+
+@app.command()
+def recv(
+    listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on.")],
+    dir: Annotated[str, typer.Option("--dir", help="Where page stores and images go.")],
+    once: Annotated[bool, typer.Option("--once", help="Serve one migration, then exit.")] = False,
+    tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
+    shell_job: Annotated[bool, typer.Option("--shell-job")] = False,
+    psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
+    tls_ca: TlsCa = None, insecure: Insecure = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
+):
+    """Receive and restore migrations, one after another, until stopped."""
+    from migrator.migration.destination import serve
+    _sigterm_as_interrupt()
+    with exits.errors_to_exit(_emitter(as_json)):
+        failures = serve(listen, dir, _auth(psk_file, tls_cert, tls_key, tls_ca,
+                                            insecure),
+                         _Progress(as_json), once=once,
+                         tcp_established=tcp_established, shell_job=shell_job)
+        if once and failures:
+            raise SystemExit(exits.MIGRATION)
+
+
+@app.command()
+def resolve(
+    dir: Annotated[str, typer.Option("--dir", help="The --dir of 'migrator recv'.")],
+    migration: Annotated[str, typer.Option("--migration", help="Migration id.")],
+    commit: Annotated[bool, typer.Option(
+        "--commit/--abort", help="Resume the restored copy, or destroy it.")] = ...,
+):
+    """Finish or undo a hand-over whose Commit never arrived."""
+    from migrator.migration.destination import resolve as run
+    with exits.errors_to_exit(_emitter(False)):
+        print(run(dir, migration, commit))
+
+
 def main() -> None:
     app()
 

@@ -16,7 +16,18 @@ USAGE = 2            # bad options (typer's own code too)
 NO_PROCESS = 3       # the target process does not exist or exited
 TRACKER = 4          # the requested tracker cannot be used here
 PERMISSION = 5       # not root / ptrace or /proc access denied
+MIGRATION = 6        # the migration failed; the source runs as before
+UNDECIDED = 7        # hand-over outcome unknown: see the message (resolve)
 INTERRUPTED = 130    # Ctrl-C or SIGTERM; everything was cleaned up
+
+def _migration_errors():
+    from migrator.criu.runner import CriuError
+    from migrator.migration.source import MigrationError
+    from migrator.migration.transport import TransportError
+    from migrator.protocol.frames import ProtocolError
+    return [(MigrationError, MIGRATION), (CriuError, MIGRATION),
+            (TransportError, MIGRATION), (ProtocolError, MIGRATION)]
+
 
 TABLE = [
     (ProcessGone, NO_PROCESS),
@@ -28,7 +39,9 @@ TABLE = [
 
 
 def code_for(exc: BaseException) -> int:
-    for kind, code in TABLE:
+    if getattr(exc, "phase", None) == "commit":
+        return UNDECIDED
+    for kind, code in TABLE + _migration_errors():
         if isinstance(exc, kind):
             return code
     if isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES):
@@ -46,8 +59,11 @@ def errors_to_exit(emit_error):
         raise
     except BaseException as e:  # noqa: BLE001 - this is the one place
         code = code_for(e)
-        if code == FAILURE and not isinstance(e, (OSError, NativeBuildError)):
+        if code == FAILURE and not isinstance(e, (OSError, NativeBuildError,
+                                                  ValueError)):
             raise  # a bug: keep the traceback
         msg = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        if getattr(e, "phase", None):
+            msg = f"{e.phase}: {msg}"
         emit_error(msg, code)
         sys.exit(code)

@@ -48,11 +48,54 @@ class Pagemap:
             start = nxt
         return flat
 
+    def _runs_many(self, call, what: str, ranges: RangeList
+                   ) -> tuple[array, list[tuple[int, int, OSError]]]:
+        """Drive a native many-range scan over `ranges`; the ranges it
+        failed on are returned with their error, not raised."""
+        flat = array("Q")
+        failed = []
+        n_in = len(ranges)
+        src = ffi.from_buffer("struct mig_range[]", ranges.flat)
+        next_in = ffi.new("size_t *", 0)
+        self._walk_end[0] = 0
+        while next_in[0] < n_in:
+            n = call(self.fd, src, n_in, self._buf, _BATCH, next_in,
+                     self._walk_end)
+            if n < 0:
+                i = next_in[0]
+                s, e = ranges.flat[2 * i], ranges.flat[2 * i + 1]
+                failed.append((s, e, OSError(-n, f"{what} of pid {self.pid} "
+                                                  f"[{s:#x}, {e:#x}): "
+                                                  f"{os.strerror(-n)}")))
+                next_in[0] = i + 1
+                self._walk_end[0] = 0
+                continue
+            if n and flat and flat[-1] == self._buf[0].start:
+                flat[-1] = self._buf[0].end  # a run continued across calls
+                flat.frombytes(ffi.buffer(self._buf + 1, (n - 1) * 16))
+            else:
+                flat.frombytes(ffi.buffer(self._buf, n * 16))
+        return flat, failed
+
+    def scan_written_ranges(self, ranges: RangeList):
+        """scan_written over every run of `ranges` in one native call;
+        returns (written runs, [(start, end, OSError) of failed runs])."""
+        return self._runs_many(lib.mig_scan_written_ranges, "PAGEMAP_SCAN",
+                               ranges)
+
+    def scan_unregistered_ranges(self, ranges: RangeList):
+        return self._runs_many(lib.mig_scan_unregistered_ranges,
+                               "PAGEMAP_SCAN", ranges)
+
     def scan_written(self, start: int, end: int) -> array:
         """Pages written since last write-protected, re-protecting them
         (uffd-wp async).  OSError(EPERM) if part of the range is not
         registered for async write-protection."""
         return self._runs(lib.mig_scan_written, "PAGEMAP_SCAN", start, end)
+
+    def scan_populated(self, start: int, end: int) -> array:
+        """Runs of pages present in memory or swapped out."""
+        return self._runs(lib.mig_scan_populated, "PAGEMAP_SCAN", start, end)
 
     def scan_unregistered(self, start: int, end: int) -> array:
         """Mapped runs that carry no async write-protect registration."""

@@ -50,9 +50,13 @@ def parse_maps(text: str) -> list[Vma]:
     return vmas
 
 
-def read_maps(pid: int) -> list[Vma]:
+def read_maps_text(pid: int) -> str:
     with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
+        return f.read()
+
+
+def read_maps(pid: int) -> list[Vma]:
+    return parse_maps(read_maps_text(pid))
 
 
 def parse_smaps_vmflags(text: str) -> list[tuple[int, int, frozenset[str]]]:

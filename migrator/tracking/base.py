@@ -43,8 +43,10 @@ class Tracker(abc.ABC):
         """Arm tracking; returns the initial state (everything dirty)."""
 
     @abc.abstractmethod
-    def collect(self) -> Collect:
-        """Pages written since the previous collect (or start)."""
+    def collect(self, stopped: bool = False) -> Collect:
+        """Pages written since the previous collect (or start).  stopped:
+        the caller guarantees no task of the target can run (e.g. CRIU left
+        them stopped), so the tracker need not stop them itself."""
 
     @abc.abstractmethod
     def stop(self) -> None:

@@ -22,7 +22,7 @@ class FullTracker(Tracker):
         self.started = True
         return self.collect()
 
-    def collect(self) -> Collect:
+    def collect(self, stopped: bool = False) -> Collect:
         tracked, untracked = memory_map(self.pid)
         everything = tracked | untracked
         return Collect(dirty=everything, tracked=RangeList(),

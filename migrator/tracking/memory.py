@@ -9,7 +9,7 @@ tracker here can vouch for them, so they cross in the frozen final step.
 
 from __future__ import annotations
 
-from migrator.kernel.procfs import Vma, read_maps
+from migrator.kernel.procfs import Vma, parse_maps, read_maps_text
 from migrator.ranges import RangeList
 
 
@@ -27,8 +27,13 @@ def trackable_vmas(pid: int) -> tuple[list[tuple[int, int]], RangeList]:
     """The trackable mappings one by one (neighbours are not merged, so a
     mapping the kernel refuses to register costs only itself), and the
     untracked memory."""
+    return split_maps(read_maps_text(pid))
+
+
+def split_maps(maps_text: str) -> tuple[list[tuple[int, int]], RangeList]:
+    """trackable_vmas() of an already read /proc/PID/maps text."""
     vmas, untracked = [], []
-    for v in read_maps(pid):
+    for v in parse_maps(maps_text):
         if v.special:
             continue
         if is_trackable(v):

@@ -19,4 +19,4 @@ def concat(parts: list[array]) -> RangeList:
             out.extend(p[2:])
         else:
             out.extend(p)
-    return RangeList._from_flat(out)
+    return RangeList.from_normalised(out)

@@ -41,14 +41,19 @@ class SoftDirtyTracker(Tracker):
         tracked, untracked = memory_map(self.pid)
         return Collect(dirty=tracked, tracked=tracked, untracked=untracked)
 
-    def collect(self) -> Collect:
+    def collect(self, stopped: bool = False) -> Collect:
         if not self.started:
             raise TrackerError("collect() before start()")
+        if stopped:
+            return self._read_and_clear()
         with Injection(self.pid, timeout=self.stop_timeout):
-            tracked, untracked = memory_map(self.pid)
-            parts = [self._pagemap.scan_soft_dirty(s, e, self.use_pagemap_scan)
-                     for s, e in tracked]
-            clear_soft_dirty(self.pid)
+            return self._read_and_clear()
+
+    def _read_and_clear(self) -> Collect:
+        tracked, untracked = memory_map(self.pid)
+        parts = [self._pagemap.scan_soft_dirty(s, e, self.use_pagemap_scan)
+                 for s, e in tracked]
+        clear_soft_dirty(self.pid)
         return Collect(dirty=concat(parts), tracked=tracked,
                        untracked=untracked)
 

@@ -24,8 +24,8 @@ from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.uffd import Userfaultfd
 from migrator.ranges import RangeList
 from migrator.tracking.base import Collect, Tracker, TrackerError
-from migrator.tracking.memory import trackable_vmas
-from migrator.tracking.scan import concat
+from migrator.kernel.procfs import read_maps_text
+from migrator.tracking.memory import split_maps, trackable_vmas
 
 
 class UffdWpTracker(Tracker):
@@ -39,6 +39,10 @@ class UffdWpTracker(Tracker):
         self._registered = RangeList()
         # Mappings the kernel would not register: untracked, not retried.
         self._refused = RangeList()
+        # The last /proc/PID/maps seen, and what it meant: most rounds the
+        # mappings do not change, and parsing them is a third of a collect.
+        self._maps_text = ""
+        self._maps = ([], RangeList(), RangeList())
 
     def start(self) -> Collect:
         pidfd = os.pidfd_open(self.pid)
@@ -87,39 +91,46 @@ class UffdWpTracker(Tracker):
                 raise
         return tuple(notes)
 
-    def collect(self) -> Collect:
+    def collect(self, stopped: bool = False) -> Collect:
         if not self.started:
             raise TrackerError("collect() before start()")
-        vmas, untracked = trackable_vmas(self.pid)
-        tracked = RangeList(vmas)
-        # Registrations of memory that is gone or no longer trackable.
-        self._registered = self._registered & tracked
-        self._refused = self._refused & tracked
-        fresh = tracked - self._registered - self._refused
+        text = read_maps_text(self.pid)
+        if text == self._maps_text:
+            # Same mappings as last time, all registered then (or refused):
+            # nothing is new.  A mapping replaced in place by one of the same
+            # shape is still caught below, as lost registration.
+            vmas, untracked, tracked = self._maps
+            fresh = RangeList()
+        else:
+            vmas, untracked = split_maps(text)
+            tracked = RangeList(vmas)
+            # Registrations of memory that is gone or no longer trackable.
+            self._registered = self._registered & tracked
+            self._refused = self._refused & tracked
+            fresh = tracked - self._registered - self._refused
+            self._maps_text, self._maps = text, (vmas, untracked, tracked)
         # Memory that lost its registration while keeping its place
         # (munmap + mmap over it, MAP_FIXED) is new memory too.
-        lost = concat([self._pagemap.scan_unregistered(s, e)
-                       for s, e in self._registered])
+        flat, failed = self._pagemap.scan_unregistered_ranges(self._registered)
+        for *_, err in failed:
+            raise err
+        lost = RangeList.from_normalised(flat)
         if lost:
             self._registered = self._registered - lost
-        parts = []
-        suspect = []
-        for s, e in self._registered:
-            try:
-                parts.append(self._pagemap.scan_written(s, e))
-                faults.check("uffd-collect")
-            except OSError as err:
-                if err.errno != errno.EPERM:
-                    raise
-                # Lost its registration after the check above: the pages
-                # this scan had already re-protected were not returned to
-                # us, so the whole run must count as written.
-                suspect.append((s, e))
-        if suspect:
-            lost = lost | RangeList(suspect)
+        flat, failed = self._pagemap.scan_written_ranges(self._registered)
+        faults.check("uffd-collect")
+        for s, e, err in failed:
+            if err.errno != errno.EPERM:
+                raise err
+        if failed:
+            # Lost its registration after the check above: the pages this
+            # scan had already re-protected were not returned to us, so the
+            # whole run must count as written.
+            lost = lost | RangeList((s, e) for s, e, _ in failed)
             self._registered = self._registered - lost
+        written = RangeList.from_normalised(flat)
         notes = self._register(vmas, fresh | lost) if fresh or lost else ()
-        dirty = concat(parts)
+        dirty = written
         if fresh or lost:
             dirty = dirty | fresh | lost
         return Collect(dirty=dirty, tracked=self._registered,

@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from tests.native import c_units
+
 pytestmark = pytest.mark.linux
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -388,8 +390,7 @@ def test_native_selftest(tmp_path):
     if not gcc:
         pytest.skip("gcc not found: cannot build native/selftest.c")
     exe = tmp_path / "selftest"
-    srcs = [NATIVE / f"{n}.c" for n in
-            ("selftest", "inject", "seccomp", "uffd", "softdirty", "vmread")]
+    srcs = [NATIVE / "selftest.c", *c_units()]
     r = subprocess.run([gcc, "-static", "-O2", "-D_GNU_SOURCE", f"-I{NATIVE}",
                         *map(str, srcs), "-o", str(exe)],
                        capture_output=True, text=True)

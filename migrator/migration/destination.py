@@ -1,0 +1,270 @@
+"""The destination side: receive pages and images, restore, hand over.
+
+One migration at a time, each in DIR/<migration id>/:
+
+    store/pages-<pid>.store   page store per process (sparse file)
+    images/                   CRIU's image files as received, plus the
+                              pages-*.img rebuilt from store + delta
+    state                     "restored <root pid>" while the restored
+                              tree waits, stopped, for the source's Commit
+
+The restored tree is resumed only on Commit.  If the connection is lost
+after the restore succeeded and before Commit, we cannot know whether the
+source destroyed its copy: the tree stays stopped, the state file says
+so, and `migrator resolve` finishes (--commit) or undoes (--abort) the
+hand-over.  Before that point any failure discards everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+from typing import Callable
+
+from migrator.criu import images, runner
+from migrator.kernel import procfs
+from migrator.migration.store import PageStore
+from migrator.migration.transport import Auth, Channel, TransportError
+from migrator.protocol.connection import ConnectionClosed, State
+from migrator.protocol.frames import (Abort, Commit, Error, Images, PageBatch,
+                                      ProtocolError, RestoreResult, RoundEnd,
+                                      StartMigration, SwitchOver)
+
+log = logging.getLogger("migrator.destination")
+
+
+class Undecided(Exception):
+    """The hand-over's outcome is unknown; the restored tree waits."""
+
+
+class Session:
+    def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None],
+                 tcp_established: bool = False, shell_job: bool = False):
+        self.base = base
+        self.channel = channel
+        self.emit = emit
+        self.tcp_established = tcp_established
+        self.shell_job = shell_job
+        self.dir: str | None = None
+        self.stores: dict[int, PageStore] = {}
+        self.files: dict[str, object] = {}
+        self.restored: int | None = None
+
+    # -- paths --------------------------------------------------------
+    @property
+    def images_dir(self) -> str:
+        return os.path.join(self.dir, "images")
+
+    def _begin(self, start: StartMigration) -> None:
+        self.id = start.migration_id
+        self.dir = os.path.join(self.base, start.migration_id)
+        os.makedirs(os.path.join(self.dir, "store"))
+        os.makedirs(self.images_dir)
+        for p in start.processes:
+            self.stores[p.pid] = PageStore(
+                os.path.join(self.dir, "store", f"pages-{p.pid}.store"),
+                start.page_size)
+        self.emit({"event": "receiving", "migration": self.id,
+                   "processes": [{"pid": p.pid, "tracker": p.tracker}
+                                 for p in start.processes]})
+
+    # -- the conversation ---------------------------------------------
+    def run(self) -> dict:
+        ch = self.channel
+        try:
+            while True:
+                ev = ch.next_event()
+                if isinstance(ev, StartMigration):
+                    self._begin(ev)
+                elif isinstance(ev, PageBatch):
+                    self._pages(ev)
+                elif isinstance(ev, Images):
+                    self._image(ev)
+                elif isinstance(ev, SwitchOver):
+                    self.emit({"event": "switchover", "round": ev.round,
+                               "reason": ev.reason})
+                elif isinstance(ev, RoundEnd):
+                    if ch.conn.state is State.RESTORING:
+                        self._restore()
+                    else:
+                        self.emit({"event": "round", "round": ev.round,
+                                   "pages": ev.dirty_pages})
+                elif isinstance(ev, Commit):
+                    runner.resume(self.restored)
+                    self._forget_state()
+                    log.info("committed: restored tree %d resumed", self.restored)
+                    return {"event": "done", "migration": self.id,
+                            "pid": self.restored}
+                elif isinstance(ev, (Abort, Error)):
+                    why = ev.reason if isinstance(ev, Abort) else ev.message
+                    raise ProtocolError(f"source gave up: {why}")
+                elif isinstance(ev, ConnectionClosed):
+                    raise ProtocolError("source closed the connection")
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            for f in self.files.values():
+                f.close()
+            for s in self.stores.values():
+                s.close()
+
+    def _pages(self, batch: PageBatch) -> None:
+        data = memoryview(self.channel.conn.pages(batch))
+        store = self.stores[batch.pid]
+        off = 0
+        for addr, n in batch.runs:
+            size = n * store.page_size
+            store.put(addr, data[off:off + size])
+            off += size
+
+    def _image(self, chunk: Images) -> None:
+        # Names were checked by the protocol (a bare name, no path); refuse
+        # dot files too, which are our own temporaries.
+        if chunk.name.startswith("."):
+            raise ProtocolError(f"image name {chunk.name!r} is not allowed")
+        f = self.files.get(chunk.name)
+        if f is None:
+            f = self.files[chunk.name] = open(
+                os.path.join(self.images_dir, chunk.name), "xb")
+        f.write(chunk.data)
+        if chunk.last:
+            f.close()
+            del self.files[chunk.name]
+
+    def _restore(self) -> None:
+        try:
+            self._rebuild_pages()
+            self.restored = runner.restore(
+                self.images_dir, detached=True, leave_stopped=True,
+                tcp_established=self.tcp_established,
+                shell_job=self.shell_job)
+        except Exception as e:  # noqa: BLE001 - reported to the source
+            msg = str(e) or type(e).__name__
+            log.error("restore failed: %s", msg)
+            self.channel.send(RestoreResult(False, msg[:4000]))
+            raise
+        self._write_state()
+        self.channel.send(RestoreResult(True, f"restored as pid {self.restored}, "
+                                              "stopped until Commit"))
+        self.emit({"event": "restored", "pid": self.restored})
+
+    def _rebuild_pages(self) -> None:
+        for name in _pagemaps(self.images_dir):
+            pid = int(name[len("pagemap-"):-len(".img")])
+            store = self.stores.get(pid)
+            if store is None:
+                continue  # its pages file came as an image
+            def source(vaddr, n, store=store, pid=pid):
+                data, missing = store.get(vaddr, n)
+                if missing:
+                    raise RuntimeError(
+                        f"pid {pid}: the dump holds pages the source never "
+                        f"sent ({missing.npages()} pages, first at "
+                        f"{next(iter(missing))[0]:#x})")
+                return data
+            images.rebuild_pages_img(self.images_dir, pid, source,
+                                     psize=store.page_size)
+
+    # -- the hand-over's state ----------------------------------------
+    def _state_path(self) -> str:
+        return os.path.join(self.dir, "state")
+
+    def _write_state(self) -> None:
+        with open(self._state_path(), "w") as f:
+            f.write(f"restored {self.restored}\n")
+
+    def _forget_state(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.restored is not None and self.channel.conn.state is State.RESTORED:
+            # We said "restored" and then lost the source: it may have
+            # destroyed its copy already.  Keep ours stopped and say so.
+            msg = (f"hand-over undecided: restored tree {self.restored} waits "
+                   f"stopped in {self.dir}; if the source is gone run "
+                   f"'migrator resolve --dir {self.base} --migration {self.id} "
+                   f"--commit', else '--abort'")
+            log.error(msg)
+            self.emit({"event": "undecided", "migration": self.id,
+                       "pid": self.restored, "message": msg})
+            for s in self.stores.values():
+                s.remove()
+            return
+        if self.restored is not None:
+            kill_tree(self.restored)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pagemaps(d: str) -> list[str]:
+    """The per-process pagemaps (shared memory's are not rebuilt here)."""
+    return sorted(n for n in os.listdir(d) if n.startswith("pagemap-")
+                  and n.endswith(".img") and n[8:-4].isdigit())
+
+
+def kill_tree(root: int) -> None:
+    try:
+        pids = procfs.process_tree(root)
+    except OSError:
+        return
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
+          once: bool = False, **restore_opts) -> int:
+    """Accept migrations one after another; returns the number that
+    failed (when `once`, after the first)."""
+    from migrator.migration.transport import parse_hostport
+    host, port = parse_hostport(listen)
+    os.makedirs(base, exist_ok=True)
+    failures = 0
+    with socket.create_server((host, port), reuse_port=False) as srv:
+        emit({"event": "listening", "address": listen})
+        while True:
+            sock, peer = srv.accept()
+            try:
+                if auth.tls:
+                    sock = auth.context(server=True).wrap_socket(sock, server_side=True)
+                channel = Channel(sock, auth.connection("receiver", socket.gethostname()))
+                channel.handshake()
+                result = Session(base, channel, emit, **restore_opts).run()
+                emit(result)
+            except (ProtocolError, TransportError, OSError, runner.CriuError,
+                    RuntimeError, images.ImageError) as e:
+                failures += 1
+                emit({"event": "error", "peer": f"{peer[0]}:{peer[1]}",
+                      "message": str(e)})
+            finally:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            if once:
+                return failures
+
+
+def resolve(base: str, migration: str, commit: bool) -> str:
+    """Finish (commit) or undo (abort) a hand-over left undecided."""
+    d = os.path.join(base, migration)
+    try:
+        with open(os.path.join(d, "state")) as f:
+            word, pid = f.read().split()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no undecided migration {migration} in {base}") from None
+    root = int(pid)
+    if commit:
+        runner.resume(root)
+        outcome = f"resumed the restored tree {root}"
+    else:
+        kill_tree(root)
+        outcome = f"destroyed the restored tree {root}; resume the source with SIGCONT"
+    shutil.rmtree(d, ignore_errors=True)
+    return outcome

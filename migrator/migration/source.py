@@ -1,0 +1,397 @@
+"""The source side of a live migration of a process tree.
+
+    rounds:      collect -> (converged? switch over) -> read, compress, send
+    switch-over: criu dump --leave-stopped (the tree is frozen from here on)
+                 -> last collect, with the tasks stopped (invariant 4)
+                 -> trackers removed
+                 -> delta = dumped pages not known clean at the destination
+                 -> delta pages + CRIU's other images -> wait for the restore
+    commit:      the destination restored the tree, stopped; we destroy the
+                 source (THE COMMIT POINT, logged) and say Commit; the
+                 destination resumes its copy.
+
+Any failure before the commit point leaves the source running as before:
+trackers are removed, a tree CRIU left stopped is resumed, the dump is
+deleted, and the destination is told to discard what it has.
+
+"Clean at the destination" per process: pages whose content was sent and
+that no collect has reported dirty since.  It is only ever computed from
+tracker reports, so a process tracked `full` has no clean pages, and its
+memory crosses in the frozen step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from migrator.criu import images, runner
+from migrator.kernel import procfs
+from migrator.kernel.pagemap import Pagemap
+from migrator.kernel.vmread import read_ranges
+from migrator.migration.policy import Convergence, Limits, RoundStats
+from migrator.migration.transport import Auth, Channel, TransportError
+from migrator.protocol.frames import (Abort, Commit, Images, Process,
+                                      ProtocolError, RestoreResult, RoundEnd,
+                                      StartMigration, SwitchOver,
+                                      make_page_batch)
+from migrator.ranges import PAGE_SIZE, RangeList
+from migrator.tracking import features
+from migrator.tracking.base import Tracker
+from migrator.tracking.scan import concat
+from migrator.tracking.select import choose, make_tracker, process_facts
+
+log = logging.getLogger("migrator.source")
+
+IMAGE_CHUNK = 1 << 20
+
+
+class MigrationError(Exception):
+    """The migration failed in `phase`; the source is running as before
+    unless the message says otherwise."""
+
+    def __init__(self, phase: str, message: str):
+        super().__init__(message)
+        self.phase = phase
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    to: str
+    auth: Auth
+    limits: Limits = field(default_factory=Limits)
+    bandwidth: float | None = None     # bytes/s cap, None = unlimited
+    level: int | None = 3              # zstd level, None = no compression
+    tracker: str | None = None         # forced tracker
+    workdir: str | None = None         # local tmpfs for the final dump
+    batch_pages: int = 512             # pages per PageBatch (2 MiB)
+    tcp_established: bool = False
+    shell_job: bool = False
+    restore_timeout: float = 600.0
+
+
+def _workdir(opts: SendOptions) -> str:
+    # CRIU writes every page of the final dump here; tmpfs keeps that off
+    # the disk and fast.
+    base = opts.workdir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+    return tempfile.mkdtemp(prefix="migrator-dump-", dir=base)
+
+
+def _batches(ranges: RangeList, max_pages: int):
+    """Runs of `ranges` grouped into lists of at most max_pages pages."""
+    batch, n = [], 0
+    for s, e in ranges:
+        while s < e:
+            take = min((e - s) // PAGE_SIZE, max_pages - n)
+            batch.append((s, s + take * PAGE_SIZE))
+            n += take
+            s += take * PAGE_SIZE
+            if n == max_pages:
+                yield batch
+                batch, n = [], 0
+    if batch:
+        yield batch
+
+
+class Source:
+    def __init__(self, pid: int, opts: SendOptions,
+                 emit: Callable[[dict], None]):
+        self.root = pid
+        self.opts = opts
+        self.emit = emit
+        self.trackers: dict[int, Tracker] = {}
+        self.pagemaps: dict[int, Pagemap] = {}
+        self.clean: dict[int, RangeList] = {}
+        self.channel: Channel | None = None
+        self.dump_dir: str | None = None
+        self.dumped = False        # CRIU left the tree stopped
+        self.committed = False
+        self.t0 = time.monotonic()
+
+    # -- the whole migration ------------------------------------------
+    def run(self) -> dict:
+        phase = "connect"
+        try:
+            self.channel = Channel.connect(
+                self.opts.to, self.opts.auth, socket.gethostname(),
+                bandwidth=self.opts.bandwidth)
+            phase = "track"
+            self._start_tracking()
+            phase = "precopy"
+            rounds, reason, pending = self._precopy()
+            phase = "switchover"
+            breakdown = self._switch_over(rounds, reason, pending)
+            return {"event": "done", "rounds": rounds,
+                    "tracker": self._tracker_summary(),
+                    "downtime_ms": round(breakdown["downtime_ms"], 1),
+                    "total_ms": round((time.monotonic() - self.t0) * 1000, 1),
+                    "sent_bytes": self.channel.sent_bytes,
+                    "breakdown_ms": {k: round(v, 1) for k, v in breakdown.items()
+                                     if k != "downtime_ms"}}
+        except BaseException as e:
+            if self.committed:
+                raise
+            self._roll_back(phase, e)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if isinstance(e, MigrationError):
+                raise
+            raise MigrationError(phase, _describe(e)) from e
+        finally:
+            self._cleanup()
+
+    # -- tracking -----------------------------------------------------
+    def _start_tracking(self) -> None:
+        caps = features.probe()
+        tree = procfs.process_tree(self.root)
+        decisions = [choose(features.arch(), caps, process_facts(p, caps),
+                            self.opts.tracker) for p in tree]
+        self.emit({"event": "start", "pid": self.root, "processes": [
+            d.as_dict() for d in decisions]})
+        self.channel.send(StartMigration(
+            uuid.uuid4().hex, [Process(d.pid, d.tracker) for d in decisions],
+            PAGE_SIZE))
+        for d in decisions:
+            t = make_tracker(d, caps)
+            self.trackers[d.pid] = t
+            self.clean[d.pid] = RangeList()
+            self.pagemaps[d.pid] = Pagemap(d.pid)
+        self._first = {pid: t.start() for pid, t in self.trackers.items()}
+
+    def _tracker_summary(self) -> str:
+        names = sorted({t.name for t in self.trackers.values()})
+        return names[0] if len(names) == 1 else ",".join(names)
+
+    def _collect(self, stopped: bool = False) -> dict[int, object]:
+        out = {}
+        for pid, t in self.trackers.items():
+            first = self._first.pop(pid, None)
+            c = first if first is not None else t.collect(stopped=stopped)
+            # Invariant 2: only memory tracked continuously stays clean.
+            self.clean[pid] = (self.clean[pid] & c.tracked) - c.dirty
+            out[pid] = c
+        return out
+
+    def _populated(self, pid: int, ranges: RangeList) -> RangeList:
+        """The part of `ranges` that holds pages (present or swapped):
+        never-touched memory is zero and is not sent."""
+        pm = self.pagemaps[pid]
+        return concat([pm.scan_populated(s, e) for s, e in ranges]) & ranges
+
+    # -- pre-copy -----------------------------------------------------
+    def _precopy(self) -> tuple[int, str, dict]:
+        conv = Convergence(self.opts.limits)
+        rnd = 0
+        last_end = time.monotonic()
+        last_seconds = 0.0
+        bandwidth = 0.0
+        while True:
+            collects = self._collect()
+            to_send = {pid: self._populated(pid, c.dirty & c.tracked)
+                       for pid, c in collects.items()}
+            pages = sum(r.npages() for r in to_send.values())
+            if rnd >= 1:
+                stats = RoundStats(round=rnd, dirty_bytes=pages * PAGE_SIZE,
+                                   sent_bytes=0, seconds=last_seconds,
+                                   elapsed_s=time.monotonic() - self.t0,
+                                   bandwidth=bandwidth)
+                verdict = conv.after_round(stats)
+                if verdict.switch:
+                    return rnd, verdict.reason, to_send
+            rnd += 1
+            t0 = time.monotonic()
+            sent0 = self.channel.sent_bytes
+            for pid, ranges in to_send.items():
+                self._send_pages(pid, ranges)
+            self.channel.send(RoundEnd(rnd, pages, self.channel.sent_bytes - sent0))
+            t1 = time.monotonic()
+            sent = self.channel.sent_bytes - sent0
+            last_seconds = t1 - t0
+            bandwidth = sent / last_seconds if last_seconds > 0 else 0.0
+            dirty_rate = pages * PAGE_SIZE / max(t1 - last_end, 1e-6)
+            last_end = t1
+            # What the next collect should find: what the workload dirties
+            # in one round's time, capped by what there is.
+            expect = min(pages * PAGE_SIZE, dirty_rate * last_seconds)
+            predicted = expect / bandwidth * 1000 if bandwidth else None
+            self.emit({"event": "round", "round": rnd, "dirty_pages": pages,
+                       "sent_bytes": sent, "dirty_rate": round(dirty_rate),
+                       "bandwidth": round(bandwidth),
+                       "predicted_downtime_ms":
+                           None if predicted is None else round(predicted, 1)})
+
+    def _send_pages(self, pid: int, ranges: RangeList) -> None:
+        buf = bytearray(self.opts.batch_pages * PAGE_SIZE)
+        for runs in _batches(ranges, self.opts.batch_pages):
+            rl = RangeList(runs)
+            data, gone = read_ranges(pid, rl, buf)
+            batch = make_page_batch(
+                pid, [(s, (e - s) // PAGE_SIZE) for s, e in runs],
+                bytes(data), self.opts.level)
+            self.channel.send(batch)
+            # Sent after the collect that reported them: clean from now on,
+            # unless they vanished while being read.
+            self.clean[pid] = self.clean[pid] | (rl - gone)
+
+    # -- switch-over --------------------------------------------------
+    def _switch_over(self, rounds: int, reason: str, pending: dict) -> dict:
+        final = rounds + 1
+        self.channel.send(SwitchOver(final, reason))
+        self.emit({"event": "switchover", "round": final, "reason": reason})
+        t_freeze = time.monotonic()
+        self.dump_dir = _workdir(self.opts)
+        log.info("freezing pid %d: criu dump into %s", self.root, self.dump_dir)
+        try:
+            runner.dump(self.root, self.dump_dir, leave_stopped=True,
+                        shell_job=self.opts.shell_job,
+                        tcp_established=self.opts.tcp_established)
+        finally:
+            # CRIU may have stopped the tree even when it failed.
+            self.dumped = True
+        t_dumped = time.monotonic()
+        self._collect(stopped=True)
+        for t in self.trackers.values():
+            t.stop()
+        t_collected = time.monotonic()
+        sent0 = self.channel.sent_bytes
+        delta_pages = self._send_delta()
+        self._send_images()
+        self.channel.send(RoundEnd(final, delta_pages,
+                                   self.channel.sent_bytes - sent0))
+        t_sent = time.monotonic()
+        self.channel.sock.settimeout(self.opts.restore_timeout)
+        ev = self.channel.next_event()
+        t_restored = time.monotonic()
+        if not isinstance(ev, RestoreResult):
+            raise MigrationError("restore", f"destination answered {ev!r}")
+        if not ev.ok:
+            raise MigrationError("restore", f"destination could not restore: "
+                                 f"{ev.message}")
+        self._commit()
+        t_done = time.monotonic()
+        return {"downtime_ms": (t_done - t_freeze) * 1000,
+                "dump_ms": (t_dumped - t_freeze) * 1000,
+                "last_collect_ms": (t_collected - t_dumped) * 1000,
+                "delta_send_ms": (t_sent - t_collected) * 1000,
+                "restore_ms": (t_restored - t_sent) * 1000,
+                "commit_ms": (t_done - t_restored) * 1000,
+                "delta_pages": delta_pages}
+
+    def _dumped_pids(self) -> list[int]:
+        mem, _ = images.image_files(self.dump_dir)
+        return sorted(int(n[len("pagemap-"):-len(".img")]) for n in mem
+                      if n.startswith("pagemap-"))
+
+    def _send_delta(self) -> int:
+        """Pages of the dump that the destination does not hold clean."""
+        total = 0
+        for pid in self._dumped_pids():
+            if pid not in self.clean:
+                continue  # not announced: its pages travel as image files
+            clean = self.clean[pid]
+            for vaddr, n, data in images.iter_pages(self.dump_dir, pid,
+                                                    chunk_bytes=self.opts.batch_pages * PAGE_SIZE):
+                run = RangeList([(vaddr, vaddr + n * PAGE_SIZE)])
+                need = run - clean
+                if not need:
+                    continue
+                runs = [(s, (e - s) // PAGE_SIZE) for s, e in need]
+                parts = [data[(s - vaddr):(s - vaddr) + k * PAGE_SIZE]
+                         for s, k in runs]
+                self.channel.send(make_page_batch(pid, runs, b"".join(parts),
+                                                  self.opts.level))
+                total += need.npages()
+        return total
+
+    def _send_images(self) -> None:
+        mem, other = images.image_files(self.dump_dir)
+        names = list(other)
+        for n in mem:
+            pid_part = n[len("pagemap-"):-len(".img")] if n.startswith("pagemap-") else None
+            if pid_part is not None:
+                names.append(n)  # the destination rebuilds pages from it
+                if int(pid_part) not in self.clean:
+                    names.append(images.read_pagemap(self.dump_dir, int(pid_part)).pages_name)
+        for name in names:
+            path = os.path.join(self.dump_dir, name)
+            with open(path, "rb") as f:
+                chunk = f.read(IMAGE_CHUNK)
+                while True:
+                    nxt = f.read(IMAGE_CHUNK)
+                    self.channel.send(Images(name, chunk, not nxt))
+                    if not nxt:
+                        break
+                    chunk = nxt
+
+    def _commit(self) -> None:
+        pids = self._dumped_pids()
+        # THE COMMIT POINT.  From here on the migration cannot be undone:
+        # the destination holds the only copy (stopped until Commit).
+        log.warning("commit point: destroying the source tree %s", pids)
+        self.committed = True
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.channel.send(Commit())
+        except (TransportError, ProtocolError, OSError) as e:
+            raise MigrationError(
+                "commit", "the source was destroyed but Commit did not reach "
+                f"the destination ({e}); its restored copy waits stopped: run "
+                "'migrator resolve --commit' there") from e
+
+    # -- failure ------------------------------------------------------
+    def _roll_back(self, phase: str, exc: BaseException) -> None:
+        log.warning("migration failed in %s (%s): rolling back", phase,
+                    _describe(exc))
+        for t in self.trackers.values():
+            try:
+                t.stop()
+            except Exception:  # noqa: BLE001 - keep undoing the rest
+                log.exception("stopping a tracker")
+        if self.dumped:
+            for pid in self._stopped_pids():
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        if self.channel:
+            try:
+                self.channel.send(Abort(f"{phase}: {_describe(exc)}"[:900]))
+            except Exception:  # noqa: BLE001 - the link may be what failed
+                pass
+
+    def _stopped_pids(self) -> list[int]:
+        try:
+            return procfs.process_tree(self.root)
+        except OSError:
+            return []
+
+    def _cleanup(self) -> None:
+        for pm in self.pagemaps.values():
+            pm.close()
+        if self.channel:
+            self.channel.close()
+        if self.dump_dir:
+            shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = str(e) or type(e).__name__
+    return text
+
+
+def send(pid: int, opts: SendOptions, emit: Callable[[dict], None]) -> dict:
+    return Source(pid, opts, emit).run()

@@ -1,0 +1,91 @@
+"""The linux test tier inside Debian's soft-dirty x86_64 kernel (qemu, TCG).
+
+The host kernel lacks CONFIG_MEM_SOFT_DIRTY, so the soft-dirty cases of
+tests/linux skip there.  Here they run inside a guest whose kernel has it;
+the guest's junit report comes back to the host and is judged here.  A
+guest that boots but fails is a failure; only a missing capability (qemu,
+kernel download, node image) skips.
+
+MIGRATOR_GUEST_X86_TESTS  paths/options for the in-guest pytest (default tests/linux)
+MIGRATOR_GUEST_TIMEOUT    seconds for the whole boot (default 780)
+"""
+
+import os
+import shlex
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.beds import guest
+
+pytestmark = pytest.mark.guest_x86
+
+TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_TIMEOUT", "780"))
+SELECTION = shlex.split(os.environ.get("MIGRATOR_GUEST_X86_TESTS", "tests/linux"))
+JUNIT = "junit.xml"
+
+
+def _cases(junit_xml: bytes):
+    """(id, outcome, message) for every test case in a junit report."""
+    root = ET.fromstring(junit_xml)
+    for case in root.iter("testcase"):
+        cid = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "failed", (child.get("message") or "")[:300]
+                break
+            if child.tag == "skipped":
+                outcome, message = "skipped", child.get("message") or ""
+        yield cid, outcome, message
+
+
+@pytest.fixture(scope="module")
+def guest_run():
+    command = ("python3 -m pytest -q -rs -p no:cacheprovider "
+               + " ".join(shlex.quote(a) for a in SELECTION)
+               + f' --junitxml="$MIGRATOR_GUEST_RESULTS/{JUNIT}"')
+    try:
+        r = guest.run_guest("x86_64", command, TIMEOUT)
+    except guest.GuestUnavailable as e:
+        pytest.skip(f"x86_64 soft-dirty guest unavailable: {e}")
+    print(f"\nguest kernel: {r.kernel_release}; first output after {r.boot_seconds:.1f} s; "
+          f"qemu ran {r.total_seconds:.1f} s; in-guest pytest exit {r.returncode}")
+    print("\n".join(r.output.splitlines()[-15:]))
+    return r
+
+
+def test_guest_kernel_has_soft_dirty(guest_run):
+    assert guest_run.kernel_release.endswith("-cloud-amd64"), guest_run.kernel_release
+
+
+def test_guest_linux_tier_passes(guest_run):
+    r = guest_run
+    if JUNIT not in r.files:
+        pytest.fail(f"the guest wrote no junit report (exit {r.returncode}); output tail:\n"
+                    + "\n".join(r.output.splitlines()[-40:]))
+    cases = list(_cases(r.files[JUNIT]))
+    failed = [f"{cid}: {msg}" for cid, outcome, msg in cases if outcome == "failed"]
+    counts = {o: sum(1 for _, oc, _ in cases if oc == o) for o in ("passed", "failed", "skipped")}
+    print(f"guest tests: {counts}")
+    for cid, outcome, msg in cases:
+        if outcome == "skipped":
+            print(f"  skipped in guest: {cid}: {msg}")
+    assert not failed, "failed inside the guest:\n" + "\n".join(failed)
+    assert r.returncode == 0, (f"in-guest pytest exited {r.returncode}; output tail:\n"
+                               + "\n".join(r.output.splitlines()[-40:]))
+    assert cases, "the guest ran no tests"
+
+
+def test_guest_ran_soft_dirty_tests(guest_run):
+    if JUNIT not in guest_run.files:
+        pytest.fail("the guest wrote no junit report")
+    cases = list(_cases(guest_run.files[JUNIT]))
+    sd = [(cid, o, m) for cid, o, m in cases
+          if "soft_dirty" in cid.lower() or "soft-dirty" in cid.lower()]
+    passed = [cid for cid, o, _ in sd if o == "passed"]
+    for cid, o, m in sd:
+        print(f"  {o}: {cid} {m}")
+    # Zero is a failure, never a skip: this guest exists to run them.
+    assert passed, ("no soft-dirty test passed inside the soft-dirty guest "
+                    f"({len(sd)} found: {[(c, o, m) for c, o, m in sd]})")
