@@ -3,7 +3,9 @@ failure points (comma-separated) at which the code raises as if the kernel
 had failed there, so every cleanup path can be exercised for real.
 
 Points: uffd-register (after the first range is registered),
-uffd-collect (after the first run is scanned).
+uffd-collect (after the scan of a collect), commit-send (the source is
+destroyed and Commit is about to be sent: the message "lost exactly at the
+commit point").
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ def send(
         "--workdir", help="Local directory (tmpfs) for the final dump.")] = None,
     tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
     shell_job: Annotated[bool, typer.Option("--shell-job", help="The tree is attached to a terminal.")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.1, help="Seconds of peer silence that end the migration.")] = 60,
     psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
     tls_ca: TlsCa = None, insecure: Insecure = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
@@ -178,7 +180,7 @@ def send(
             limits=Limits(downtime_ms, max_rounds, max_time),
             bandwidth=bandwidth * 2**20 if bandwidth else None, level=level,
             tracker=tracker, workdir=workdir, tcp_established=tcp_established,
-            shell_job=shell_job)
+            shell_job=shell_job, io_timeout=timeout)
         emit(run(pid, opts, emit))
 
 
@@ -187,6 +189,8 @@ def recv(
     listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on.")],
     dir: Annotated[str, typer.Option("--dir", help="Where page stores and images go.")],
     once: Annotated[bool, typer.Option("--once", help="Serve one migration, then exit.")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.1, help="Seconds of peer silence that end a migration.")] = 60,
     tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
     shell_job: Annotated[bool, typer.Option("--shell-job")] = False,
     psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
@@ -199,7 +203,7 @@ def recv(
     with exits.errors_to_exit(_emitter(as_json)):
         failures = serve(listen, dir, _auth(psk_file, tls_cert, tls_key, tls_ca,
                                             insecure),
-                         _Progress(as_json), once=once,
+                         _Progress(as_json), once=once, timeout=timeout,
                          tcp_established=tcp_established, shell_job=shell_job)
         if once and failures:
             raise SystemExit(exits.MIGRATION)
@@ -219,6 +223,11 @@ def resolve(
 
 
 def main() -> None:
+    # Diagnostics (the commit point, rollbacks) go to stderr; stdout stays
+    # for results and --json events.
+    import logging
+    logging.basicConfig(format="migrator: %(message)s", level=logging.INFO,
+                        stream=sys.stderr)
     app()
 
 

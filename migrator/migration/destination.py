@@ -52,6 +52,7 @@ class Session:
         self.stores: dict[int, PageStore] = {}
         self.files: dict[str, object] = {}
         self.restored: int | None = None
+        self.awaiting_commit = False  # restored, stopped, Commit not yet seen
 
     # -- paths --------------------------------------------------------
     @property
@@ -93,6 +94,7 @@ class Session:
                         self.emit({"event": "round", "round": ev.round,
                                    "pages": ev.dirty_pages})
                 elif isinstance(ev, Commit):
+                    self.awaiting_commit = False
                     runner.resume(self.restored)
                     self._forget_state()
                     log.info("committed: restored tree %d resumed", self.restored)
@@ -148,6 +150,7 @@ class Session:
             self.channel.send(RestoreResult(False, msg[:4000]))
             raise
         self._write_state()
+        self.awaiting_commit = True
         self.channel.send(RestoreResult(True, f"restored as pid {self.restored}, "
                                               "stopped until Commit"))
         self.emit({"event": "restored", "pid": self.restored})
@@ -181,7 +184,7 @@ class Session:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _fail(self, exc: BaseException) -> None:
-        if self.restored is not None and self.channel.conn.state is State.RESTORED:
+        if self.awaiting_commit:
             # We said "restored" and then lost the source: it may have
             # destroyed its copy already.  Keep ours stopped and say so.
             msg = (f"hand-over undecided: restored tree {self.restored} waits "
@@ -219,12 +222,13 @@ def kill_tree(root: int) -> None:
 
 
 def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
-          once: bool = False, **restore_opts) -> int:
+          once: bool = False, timeout: float = 60.0, **restore_opts) -> int:
     """Accept migrations one after another; returns the number that
     failed (when `once`, after the first)."""
     from migrator.migration.transport import parse_hostport
     host, port = parse_hostport(listen)
     os.makedirs(base, exist_ok=True)
+    _clean_stale(base, emit)
     failures = 0
     with socket.create_server((host, port), reuse_port=False) as srv:
         emit({"event": "listening", "address": listen})
@@ -233,7 +237,8 @@ def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
             try:
                 if auth.tls:
                     sock = auth.context(server=True).wrap_socket(sock, server_side=True)
-                channel = Channel(sock, auth.connection("receiver", socket.gethostname()))
+                channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
+                                  timeout=timeout)
                 channel.handshake()
                 result = Session(base, channel, emit, **restore_opts).run()
                 emit(result)
@@ -249,6 +254,22 @@ def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
                     pass
             if once:
                 return failures
+
+
+def _clean_stale(base: str, emit) -> None:
+    """Remove what a killed receiver left: partial migrations.  Undecided
+    hand-overs (a state file) are kept and reported: they need a person."""
+    for name in sorted(os.listdir(base)):
+        d = os.path.join(base, name)
+        if not os.path.isdir(d):
+            continue
+        if os.path.exists(os.path.join(d, "state")):
+            emit({"event": "undecided", "migration": name,
+                  "message": f"run 'migrator resolve --dir {base} --migration "
+                             f"{name} --commit' or '--abort'"})
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        emit({"event": "cleaned", "migration": name})
 
 
 def resolve(base: str, migration: str, commit: bool) -> str:

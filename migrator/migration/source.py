@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from migrator import faults
 from migrator.criu import images, runner
 from migrator.kernel import procfs
 from migrator.kernel.pagemap import Pagemap
@@ -76,6 +77,7 @@ class SendOptions:
     tcp_established: bool = False
     shell_job: bool = False
     restore_timeout: float = 600.0
+    io_timeout: float = 60.0           # a silent peer for this long is dead
 
 
 def _workdir(opts: SendOptions) -> str:
@@ -122,7 +124,7 @@ class Source:
         try:
             self.channel = Channel.connect(
                 self.opts.to, self.opts.auth, socket.gethostname(),
-                bandwidth=self.opts.bandwidth)
+                bandwidth=self.opts.bandwidth, timeout=self.opts.io_timeout)
             phase = "track"
             self._start_tracking()
             phase = "precopy"
@@ -343,6 +345,7 @@ class Source:
             except ProcessLookupError:
                 pass
         try:
+            faults.check("commit-send")
             self.channel.send(Commit())
         except (TransportError, ProtocolError, OSError) as e:
             raise MigrationError(

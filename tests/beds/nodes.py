@@ -426,8 +426,12 @@ class Node:
     # -- files
 
     def host_path(self, path: str) -> pathlib.Path:
-        """Host path of a file written inside the node's root (not /tmp, /run)."""
-        return self.dir / "upper" / path.lstrip("/")
+        """Host path of a file written inside the node's root (not /tmp,
+        /run), or under /shared."""
+        rel = path.lstrip("/")
+        if rel == "shared" or rel.startswith("shared/"):
+            return self.run_state.shared / rel[len("shared"):].lstrip("/")
+        return self.dir / "upper" / rel
 
     def __repr__(self) -> str:
         return f"<Node {self.name} init={self.init_pid} addr={self.addr}>"

@@ -6,7 +6,13 @@ the guest's junit report comes back to the host and is judged here.  A
 guest that boots but fails is a failure; only a missing capability (qemu,
 kernel download, node image) skips.
 
+The same boot then runs benchmarks/collect.py, the one kernel here where
+soft-dirty and uffd-wp can be measured side by side; its table is printed
+(emulation distorts absolute times, ratios on one kernel still compare).
+
 MIGRATOR_GUEST_X86_TESTS  paths/options for the in-guest pytest (default tests/linux)
+MIGRATOR_GUEST_BENCH      arguments of the in-guest benchmark
+                          (default: --size-mib 256 --repeats 3 --spin-s 1)
 MIGRATOR_GUEST_TIMEOUT    seconds for the whole boot (default 780)
 """
 
@@ -23,6 +29,8 @@ pytestmark = pytest.mark.guest_x86
 TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_TIMEOUT", "780"))
 SELECTION = shlex.split(os.environ.get("MIGRATOR_GUEST_X86_TESTS", "tests/linux"))
 JUNIT = "junit.xml"
+BENCH_ARGS = os.environ.get("MIGRATOR_GUEST_BENCH",
+                            "--size-mib 256 --repeats 3 --spin-s 1")
 
 
 def _cases(junit_xml: bytes):
@@ -44,7 +52,12 @@ def _cases(junit_xml: bytes):
 def guest_run():
     command = ("python3 -m pytest -q -rs -p no:cacheprovider "
                + " ".join(shlex.quote(a) for a in SELECTION)
-               + f' --junitxml="$MIGRATOR_GUEST_RESULTS/{JUNIT}"')
+               + f' --junitxml="$MIGRATOR_GUEST_RESULTS/{JUNIT}"; rc=$?; '
+               # the benchmark's exit status is judged by its own test
+               + f"python3 benchmarks/collect.py {BENCH_ARGS} --json "
+               + '>"$MIGRATOR_GUEST_RESULTS/collect.json" '
+               + '2>"$MIGRATOR_GUEST_RESULTS/collect.txt"; '
+               + 'echo $? >"$MIGRATOR_GUEST_RESULTS/collect.rc"; exit $rc')
     try:
         r = guest.run_guest("x86_64", command, TIMEOUT)
     except guest.GuestUnavailable as e:
@@ -89,3 +102,18 @@ def test_guest_ran_soft_dirty_tests(guest_run):
     # Zero is a failure, never a skip: this guest exists to run them.
     assert passed, ("no soft-dirty test passed inside the soft-dirty guest "
                     f"({len(sd)} found: {[(c, o, m) for c, o, m in sd]})")
+
+
+def test_guest_collect_benchmark(guest_run):
+    """Prints the side-by-side table; asserts only that both trackers were
+    measured, never a timing."""
+    import json
+    files = guest_run.files
+    if "collect.txt" in files:
+        print("\n" + files["collect.txt"].decode(errors="replace"))
+    rc = files.get("collect.rc", b"?").decode().strip()
+    assert rc == "0", f"benchmark exit status in the guest: {rc}"
+    figures = json.loads(files["collect.json"])
+    measured = json.dumps(figures)
+    for tracker in ("soft-dirty", "uffd-wp"):
+        assert tracker in measured, f"{tracker} was not measured in the guest"

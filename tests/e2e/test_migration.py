@@ -1,0 +1,425 @@
+"""Live migration of a process between two nodes, with `migrator send` and
+`migrator recv` as a user runs them, and the ways it can go wrong.
+
+The workload (tests/workloads/counter.py) keeps a buffer whose content is a
+function of a counter it also holds in memory, checks it every tick and
+appends "<tick> <pid> <start pid> ok|BAD" to a progress file in /shared,
+which both nodes see: after a migration the ticks must continue on the
+other node, under the same pid, with every check ok.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.beds import nodes
+
+WORKLOADS = "/src/tests/workloads"
+PORT = 7000
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from tests.beds import image
+    try:
+        image.ensure_image()
+    except Exception as e:  # noqa: BLE001 - any reason the image cannot be had
+        pytest.skip(f"node image cannot be built: {e}")
+    with nodes.cluster(2) as (a, b):
+        # Raise A's pid counter so workload pids are free on B (CRIU
+        # restores under the same pid) and on A again after a round trip.
+        a.run("echo 5000 > /proc/sys/kernel/ns_last_pid")
+        yield a, b
+
+
+def wait_for(cond, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Workload:
+    def __init__(self, node, name, mib=8, interval=0.05):
+        self.progress = f"/shared/{name}.progress"
+        self.node = node
+        self.pid = int(node.run(
+            f"setsid python3 {WORKLOADS}/counter.py {self.progress} {mib} "
+            f"{interval} </dev/null >/dev/null 2>&1 & echo $!").stdout)
+        wait_for(lambda: len(self.lines()) >= 5, 30, "workload progress")
+
+    def lines(self):
+        try:
+            with open(self.node.host_path(self.progress)) as f:
+                return [line.split() for line in f.read().splitlines() if line]
+        except FileNotFoundError:
+            return []
+
+    def last_tick(self):
+        return int(self.lines()[-1][0])
+
+    def assert_healthy(self):
+        lines = self.lines()
+        bad = [line for line in lines if line[3] != "ok"]
+        assert not bad, f"memory check failed: {bad[:3]}"
+        ticks = [int(line[0]) for line in lines]
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), \
+            "ticks lost or repeated"
+        assert {int(line[1]) for line in lines} == {self.pid}
+
+    def running_on(self, node) -> bool:
+        r = node.run(["sh", "-c", f"cat /proc/{self.pid}/stat"], check=False)
+        return r.returncode == 0 and r.stdout.split(")")[-1].split()[0] in "RS"
+
+    def keeps_running(self, node, ticks=5):
+        start = self.last_tick()
+        wait_for(lambda: self.last_tick() >= start + ticks, 30,
+                 f"workload {self.pid} to keep counting")
+        assert self.running_on(node)
+
+    def stop(self, node):
+        node.run(["kill", "-9", str(self.pid)], check=False)
+
+
+def receiver(node, peer_addr, *extra):
+    log = f"/tmp/recv-{node.name}-{time.monotonic_ns()}.log"
+    svc = node.spawn(["python3", "-m", "migrator", "recv", "--listen",
+                      f"{peer_addr}:{PORT}", "--dir", "/var/tmp/mig", "--json",
+                      "--once", *extra], log=log)
+    wait_for(lambda: os.path.exists(log) and "listening" in open(log).read(),
+             20, "the receiver to listen")
+    return svc, log
+
+
+def send(node, pid, to, *extra, timeout=180):
+    r = node.run(["python3", "-m", "migrator", "send", "--pid", str(pid),
+                  "--to", f"{to}:{PORT}", "--json", *extra],
+                 check=False, timeout=timeout)
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    return r, events
+
+
+def migrate(src, dst, w, *extra):
+    svc, log = receiver(dst, src.peers[dst.name], "--insecure")
+    before = w.last_tick()
+    r, events = send(src, w.pid, src.peers[dst.name], "--insecure", *extra)
+    svc.wait(timeout=30)
+    assert r.returncode == 0, (r.stderr[-2000:], open(log).read()[-2000:])
+    done = events[-1]
+    assert done["event"] == "done", events
+    w.keeps_running(dst)
+    assert not w.running_on(src), "the source copy still runs"
+    assert w.last_tick() > before
+    return events
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "full"])
+def test_round_trips(pair, tracker):
+    a, b = pair
+    w = Workload(a, f"trip-{tracker}", mib=16)
+    try:
+        for src, dst in ((a, b), (b, a), (a, b), (b, a)):
+            events = migrate(src, dst, w, "--tracker", tracker,
+                             "--bandwidth", "40", "--downtime-ms", "50")
+            rounds = [e for e in events if e["event"] == "round"]
+            done = events[-1]
+            assert done["tracker"] == tracker
+            print(f"\n{src.name}->{dst.name} [{tracker}]: {done['rounds']} "
+                  f"rounds, downtime {done['downtime_ms']} ms, total "
+                  f"{done['total_ms']} ms, {done['sent_bytes']} bytes, "
+                  f"breakdown {done['breakdown_ms']}")
+            if tracker == "full":
+                # nothing is known clean: every page crosses frozen
+                assert all(e["dirty_pages"] == 0 for e in rounds)
+            else:
+                assert rounds and rounds[0]["dirty_pages"] > 16 * 256 // 2
+        w.assert_healthy()
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
+def test_pre_copy_rounds_shrink_the_final_delta(pair):
+    """With a slow link the workload dirties pages during round 1; later
+    rounds send only those, and the frozen delta is a small part."""
+    a, b = pair
+    w = Workload(a, "rounds", mib=32, interval=0.02)
+    try:
+        events = migrate(a, b, w, "--bandwidth", "16", "--downtime-ms", "20",
+                         "--max-rounds", "6")
+        rounds = [e for e in events if e["event"] == "round"]
+        done = events[-1]
+        print(f"\nrounds {[r['dirty_pages'] for r in rounds]}, delta "
+              f"{done['breakdown_ms']['delta_pages']} pages")
+        assert len(rounds) >= 2
+        assert rounds[1]["dirty_pages"] < rounds[0]["dirty_pages"] / 4
+        assert done["breakdown_ms"]["delta_pages"] < rounds[0]["dirty_pages"] / 4
+        w.assert_healthy()
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
+# ------------------------------------------------------------ failures
+#
+# Whatever fails before the commit point, the source must keep running as
+# before (not stopped, no tracker left in it) and the destination must hold
+# nothing of the migration afterwards.
+
+def uffd_flags(node, pid) -> list[str]:
+    r = node.run(["sh", "-c", f"grep -E '^VmFlags:.* (uw|um|ui)( |$)' "
+                  f"/proc/{pid}/smaps || true"], check=False)
+    return r.stdout.split("\n") if r.stdout.strip() else []
+
+
+def assert_source_intact(node, w):
+    assert uffd_flags(node, w.pid) == [], "tracking left in the source"
+    w.keeps_running(node)
+    w.assert_healthy()
+
+
+def assert_destination_empty(node):
+    r = node.run(["sh", "-c", "ls -A /var/tmp/mig 2>/dev/null || true"])
+    assert r.stdout.strip() == "", f"left on the destination: {r.stdout}"
+
+
+SLOW = ("--bandwidth", "2", "--downtime-ms", "1")  # pre-copy lasts seconds
+
+
+def start_sender(node, pid, to, *extra):
+    log = f"/tmp/send-{time.monotonic_ns()}.log"
+    svc = node.spawn(["python3", "-m", "migrator", "send", "--pid", str(pid),
+                      "--to", f"{to}:{PORT}", "--json", *extra], log=log)
+    wait_for(lambda: os.path.exists(log) and '"round"' in open(log).read()
+             or (os.path.exists(log) and '"start"' in open(log).read()),
+             30, "the sender to start")
+    return svc, log
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_destination_killed_during_precopy(pair, how):
+    a, b = pair
+    w = Workload(a, f"dstkill-{how}", mib=32)
+    try:
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        sender, slog = start_sender(a, w.pid, a.peers["b"], "--insecure",
+                                    "--timeout", "5", *SLOW)
+        time.sleep(1)
+        # the receiver's process group, started by this test
+        os.killpg(svc.pid, getattr(signal, how))
+        svc.wait(timeout=10)
+        code = sender.wait(timeout=60)
+        out = open(slog).read()
+        assert code == 6, out[-2000:]
+        assert '"event": "error"' in out
+        assert_source_intact(a, w)
+        if how == "SIGKILL":
+            # nothing could clean up; the next receiver removes the leftovers
+            svc, _ = receiver(b, a.peers["b"], "--insecure")
+            svc.stop()
+        assert_destination_empty(b)
+    finally:
+        w.stop(a)
+
+
+def test_link_cut_during_precopy(pair):
+    a, b = pair
+    w = Workload(a, "linkcut", mib=32)
+    try:
+        svc, log = receiver(b, a.peers["b"], "--insecure", "--timeout", "3")
+        sender, slog = start_sender(a, w.pid, a.peers["b"], "--insecure",
+                                    "--timeout", "3", *SLOW)
+        time.sleep(1)
+        a.run(["ip", "link", "set", a.ifnames["b"], "down"])
+        try:
+            code = sender.wait(timeout=60)
+            assert code == 6, open(slog).read()[-2000:]
+            assert svc.wait(timeout=30) != 0
+        finally:
+            a.run(["ip", "link", "set", a.ifnames["b"], "up"])
+        assert_source_intact(a, w)
+        assert_destination_empty(b)
+    finally:
+        w.stop(a)
+
+
+def test_restore_failing_on_destination(pair):
+    """CRIU cannot restore: the workload's pid is taken on B."""
+    a, b = pair
+    w = Workload(a, "pidtaken")
+    squatter = None
+    try:
+        # one shell: its next fork takes the pid after ns_last_pid
+        squatter = int(b.run(f"echo {w.pid - 1} > /proc/sys/kernel/ns_last_pid; "
+                             "setsid sleep 1000 </dev/null >/dev/null 2>&1 & "
+                             "echo $!").stdout)
+        assert squatter == w.pid, "could not occupy the pid on B"
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        r, events = send(a, w.pid, a.peers["b"], "--insecure")
+        assert r.returncode == 6, r.stderr[-2000:]
+        err = events[-1]
+        assert err["event"] == "error" and "restore" in err["message"]
+        print("\n" + err["message"][:600])
+        svc.wait(timeout=10)
+        assert_source_intact(a, w)
+        assert_destination_empty(b)
+    finally:
+        if squatter:
+            b.run(["kill", str(squatter)], check=False)
+        w.stop(a)
+
+
+UFFD_USER = (
+    "import ctypes, os, sys, time\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "nr = {'x86_64': 323, 'aarch64': 282}[os.uname().machine]\n"
+    "fd = libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK | 1)\n"
+    "assert fd >= 0, ctypes.get_errno()\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    with open(sys.argv[1], 'a') as f: f.write(f'{n} {os.getpid()} x ok\\n')\n"
+    "    time.sleep(0.05)\n")
+
+
+def test_checkpoint_failing_on_source(pair):
+    """A process holding a userfaultfd: tracker `full`, and CRIU refuses to
+    dump it; the source resumes with CRIU's reason reported."""
+    a, b = pair
+    a.run(["sh", "-c", f"cat > /tmp/uffd_user.py <<'EOF'\n{UFFD_USER}EOF"])
+    w = Workload.__new__(Workload)
+    w.node, w.progress = a, "/shared/uffd-user.progress"
+    w.pid = int(a.run(f"setsid python3 /tmp/uffd_user.py {w.progress} "
+                      "</dev/null >/dev/null 2>&1 & echo $!").stdout)
+    try:
+        wait_for(lambda: len(w.lines()) >= 3, 30, "uffd user progress")
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        r, events = send(a, w.pid, a.peers["b"], "--insecure")
+        assert r.returncode == 6, r.stderr[-2000:]
+        start = events[0]
+        assert start["processes"][0]["tracker"] == "full"
+        assert "already uses userfaultfd" in start["processes"][0]["reason"]
+        err = events[-1]
+        assert err["event"] == "error" and "criu dump" in err["message"]
+        print("\n" + err["message"][:600])
+        svc.wait(timeout=10)
+        w.keeps_running(a)
+        assert_destination_empty(b)
+    finally:
+        w.stop(a)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_sender_killed_during_precopy(pair, how):
+    a, b = pair
+    w = Workload(a, f"srckill-{how}", mib=32)
+    try:
+        svc, log = receiver(b, a.peers["b"], "--insecure", "--timeout", "5")
+        sender, slog = start_sender(a, w.pid, a.peers["b"], "--insecure", *SLOW)
+        time.sleep(1)
+        # the migrator process itself (host pid), under the nsenter wrapper
+        from migrator.kernel.procfs import process_tree
+        migrator_pid = process_tree(sender.pid)[-1]
+        os.kill(migrator_pid, getattr(signal, how))
+        code = sender.wait(timeout=30)
+        if how == "SIGTERM":
+            assert code == 130
+            assert '"event": "error"' in open(slog).read()
+        else:
+            assert code == -signal.SIGKILL or code == 128 + signal.SIGKILL
+        assert svc.wait(timeout=30) != 0
+        assert_source_intact(a, w)
+        assert_destination_empty(b)
+    finally:
+        w.stop(a)
+
+
+def test_commit_lost_then_resolved(pair):
+    """The source is destroyed and Commit never arrives: the destination
+    keeps its restored copy stopped until `migrator resolve`."""
+    a, b = pair
+    w = Workload(a, "nocommit")
+    try:
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        r = a.run(["env", "MIGRATOR_FAULT=commit-send", "python3", "-m",
+                   "migrator", "send", "--pid", str(w.pid), "--to",
+                   f"{a.peers['b']}:{PORT}", "--json", "--insecure"],
+                  check=False, timeout=120)
+        assert r.returncode == 7, r.stderr[-2000:]
+        assert "migrator resolve --commit" in r.stdout
+        svc.wait(timeout=10)
+        undecided = [json.loads(line) for line in open(log).read().splitlines()
+                     if '"undecided"' in line]
+        assert undecided, open(log).read()[-2000:]
+        mig = undecided[0]["migration"]
+        assert not w.running_on(a)
+        stat = b.run(["sh", "-c", f"cat /proc/{w.pid}/stat"]).stdout
+        assert stat.split(")")[-1].split()[0] == "T", "restored copy not stopped"
+        last = w.last_tick()
+        time.sleep(0.5)
+        assert w.last_tick() == last, "nobody may run before the decision"
+        out = b.run(["python3", "-m", "migrator", "resolve", "--dir",
+                     "/var/tmp/mig", "--migration", mig, "--commit"]).stdout
+        assert "resumed" in out
+        w.keeps_running(b)
+        w.assert_healthy()
+        assert_destination_empty(b)
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
+def test_unauthenticated_peers_are_refused(pair, tmp_path):
+    a, b = pair
+    w = Workload(a, "auth")
+    try:
+        # a receiver without any authentication refuses to start
+        r = b.run(["python3", "-m", "migrator", "recv", "--listen",
+                   f"{a.peers['b']}:{PORT}", "--dir", "/var/tmp/mig", "--once"],
+                  check=False)
+        assert r.returncode != 0 and "--insecure" in r.stderr
+        b.run("echo key-of-b-0123456789abcdef > /var/tmp/psk")
+        a.run("echo another-key-0123456789abcdef > /var/tmp/psk")
+        for extra in (("--insecure",), ("--psk-file", "/var/tmp/psk")):
+            svc, log = receiver(b, a.peers["b"], "--psk-file", "/var/tmp/psk")
+            r, events = send(a, w.pid, a.peers["b"], *extra)
+            assert r.returncode == 6, r.stderr[-2000:]
+            assert events[-1]["event"] == "error"
+            print(f"\n{extra[0]}: {events[-1]['message'][:300]}")
+            svc.wait(timeout=10)
+            assert_source_intact(a, w)
+            assert_destination_empty(b)
+        # the same key on both sides works
+        a.run("cp /shared/../psk /var/tmp/psk 2>/dev/null || "
+              "echo key-of-b-0123456789abcdef > /var/tmp/psk")
+        svc, log = receiver(b, a.peers["b"], "--psk-file", "/var/tmp/psk")
+        r, events = send(a, w.pid, a.peers["b"], "--psk-file", "/var/tmp/psk")
+        assert r.returncode == 0, r.stderr[-2000:]
+        svc.wait(timeout=10)
+        w.keeps_running(b)
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
+def test_garbage_stream_is_refused(pair):
+    a, b = pair
+    svc, log = receiver(b, a.peers["b"], "--insecure")
+    garbage = ("import socket; s = socket.create_connection(('%s', %d)); "
+               "s.sendall(b'\\x00\\x00\\x00\\x05hello' * 3); s.recv(100); "
+               "s.close()" % (a.peers["b"], PORT))
+    a.run(["python3", "-c", garbage], check=False, timeout=30)
+    assert svc.wait(timeout=10) == 6
+    errors = [json.loads(line) for line in open(log).read().splitlines()
+              if '"error"' in line]
+    assert errors and errors[0]["message"], open(log).read()
+    print("\n" + errors[0]["message"])
+    assert_destination_empty(b)
