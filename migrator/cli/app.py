@@ -160,7 +160,8 @@ def send(
     tracker: Annotated[Optional[str], typer.Option("--tracker", help="Force a tracker.")] = None,
     workdir: Annotated[Optional[str], typer.Option(
         "--workdir", help="Local directory (tmpfs) for the final dump.")] = None,
-    tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
+    tcp_established: Annotated[bool, typer.Option(
+        "--tcp-established", help="Checkpoint established TCP connections (CRIU).")] = False,
     shell_job: Annotated[bool, typer.Option("--shell-job", help="The tree is attached to a terminal.")] = False,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.1, help="Seconds of peer silence that end the migration.")] = 60,
@@ -191,8 +192,6 @@ def recv(
     once: Annotated[bool, typer.Option("--once", help="Serve one migration, then exit.")] = False,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.1, help="Seconds of peer silence that end a migration.")] = 60,
-    tcp_established: Annotated[bool, typer.Option("--tcp-established")] = False,
-    shell_job: Annotated[bool, typer.Option("--shell-job")] = False,
     psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
     tls_ca: TlsCa = None, insecure: Insecure = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
@@ -203,8 +202,7 @@ def recv(
     with exits.errors_to_exit(_emitter(as_json)):
         failures = serve(listen, dir, _auth(psk_file, tls_cert, tls_key, tls_ca,
                                             insecure),
-                         _Progress(as_json), once=once, timeout=timeout,
-                         tcp_established=tcp_established, shell_job=shell_job)
+                         _Progress(as_json), once=once, timeout=timeout)
         if once and failures:
             raise SystemExit(exits.MIGRATION)
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 from migrator.criu import images, runner
 from migrator.kernel import procfs
+from migrator.migration import workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.protocol.connection import ConnectionClosed, State
@@ -41,13 +42,10 @@ class Undecided(Exception):
 
 
 class Session:
-    def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None],
-                 tcp_established: bool = False, shell_job: bool = False):
+    def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None]):
         self.base = base
         self.channel = channel
         self.emit = emit
-        self.tcp_established = tcp_established
-        self.shell_job = shell_job
         self.dir: str | None = None
         self.stores: dict[int, PageStore] = {}
         self.files: dict[str, object] = {}
@@ -140,10 +138,7 @@ class Session:
     def _restore(self) -> None:
         try:
             self._rebuild_pages()
-            self.restored = runner.restore(
-                self.images_dir, detached=True, leave_stopped=True,
-                tcp_established=self.tcp_established,
-                shell_job=self.shell_job)
+            self.restored = workload.restore(self.images_dir)
         except Exception as e:  # noqa: BLE001 - reported to the source
             msg = str(e) or type(e).__name__
             log.error("restore failed: %s", msg)
@@ -222,7 +217,7 @@ def kill_tree(root: int) -> None:
 
 
 def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
-          once: bool = False, timeout: float = 60.0, **restore_opts) -> int:
+          once: bool = False, timeout: float = 60.0) -> int:
     """Accept migrations one after another; returns the number that
     failed (when `once`, after the first)."""
     from migrator.migration.transport import parse_hostport
@@ -240,7 +235,7 @@ def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
                 channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
                                   timeout=timeout)
                 channel.handshake()
-                result = Session(base, channel, emit, **restore_opts).run()
+                result = Session(base, channel, emit).run()
                 emit(result)
             except (ProtocolError, TransportError, OSError, runner.CriuError,
                     RuntimeError, images.ImageError) as e:

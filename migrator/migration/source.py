@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -34,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from migrator import faults
-from migrator.criu import images, runner
-from migrator.kernel import procfs
+from migrator.criu import images
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
 from migrator.migration.transport import Auth, Channel, TransportError
+from migrator.migration.workload import ProcessTree, Workload, write_manifest
 from migrator.protocol.frames import (Abort, Commit, Images, Process,
                                       ProtocolError, RestoreResult, RoundEnd,
                                       StartMigration, SwitchOver,
@@ -104,9 +103,9 @@ def _batches(ranges: RangeList, max_pages: int):
 
 
 class Source:
-    def __init__(self, pid: int, opts: SendOptions,
+    def __init__(self, workload: Workload, opts: SendOptions,
                  emit: Callable[[dict], None]):
-        self.root = pid
+        self.workload = workload
         self.opts = opts
         self.emit = emit
         self.trackers: dict[int, Tracker] = {}
@@ -153,10 +152,10 @@ class Source:
     # -- tracking -----------------------------------------------------
     def _start_tracking(self) -> None:
         caps = features.probe()
-        tree = procfs.process_tree(self.root)
+        tree = self.workload.pids()
         decisions = [choose(features.arch(), caps, process_facts(p, caps),
                             self.opts.tracker) for p in tree]
-        self.emit({"event": "start", "pid": self.root, "processes": [
+        self.emit({"event": "start", "pid": tree[0], "processes": [
             d.as_dict() for d in decisions]})
         self.channel.send(StartMigration(
             uuid.uuid4().hex, [Process(d.pid, d.tracker) for d in decisions],
@@ -250,11 +249,10 @@ class Source:
         self.emit({"event": "switchover", "round": final, "reason": reason})
         t_freeze = time.monotonic()
         self.dump_dir = _workdir(self.opts)
-        log.info("freezing pid %d: criu dump into %s", self.root, self.dump_dir)
+        log.info("freezing %s: checkpoint into %s", self.workload.kind,
+                 self.dump_dir)
         try:
-            runner.dump(self.root, self.dump_dir, leave_stopped=True,
-                        shell_job=self.opts.shell_job,
-                        tcp_established=self.opts.tcp_established)
+            self.workload.checkpoint(self.dump_dir)
         finally:
             # CRIU may have stopped the tree even when it failed.
             self.dumped = True
@@ -314,6 +312,7 @@ class Source:
         return total
 
     def _send_images(self) -> None:
+        write_manifest(self.dump_dir, self.workload.manifest())
         mem, other = images.image_files(self.dump_dir)
         names = list(other)
         for n in mem:
@@ -337,13 +336,9 @@ class Source:
         pids = self._dumped_pids()
         # THE COMMIT POINT.  From here on the migration cannot be undone:
         # the destination holds the only copy (stopped until Commit).
-        log.warning("commit point: destroying the source tree %s", pids)
+        log.warning("commit point: destroying the source copy %s", pids)
         self.committed = True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.workload.destroy(pids)
         try:
             faults.check("commit-send")
             self.channel.send(Commit())
@@ -363,22 +358,12 @@ class Source:
             except Exception:  # noqa: BLE001 - keep undoing the rest
                 log.exception("stopping a tracker")
         if self.dumped:
-            for pid in self._stopped_pids():
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            self.workload.resume()
         if self.channel:
             try:
                 self.channel.send(Abort(f"{phase}: {_describe(exc)}"[:900]))
             except Exception:  # noqa: BLE001 - the link may be what failed
                 pass
-
-    def _stopped_pids(self) -> list[int]:
-        try:
-            return procfs.process_tree(self.root)
-        except OSError:
-            return []
 
     def _cleanup(self) -> None:
         for pm in self.pagemaps.values():
@@ -397,4 +382,7 @@ def _describe(e: BaseException) -> str:
 
 
 def send(pid: int, opts: SendOptions, emit: Callable[[dict], None]) -> dict:
-    return Source(pid, opts, emit).run()
+    """Live-migrate the process tree rooted at `pid`."""
+    tree = ProcessTree(pid, shell_job=opts.shell_job,
+                       tcp_established=opts.tcp_established)
+    return Source(tree, opts, emit).run()

@@ -436,7 +436,7 @@ def test_frames_from_another_connection_do_not_verify():
 
 def test_bad_page_data_is_protocol_error_from_pages():
     link = ready_pair()
-    s, r = link.c["sender"], link.c["receiver"]
+    _s, r = link.c["sender"], link.c["receiver"]
     good = make_page_batch(1, [(0, 1)], os.urandom(PS), level=None)
     bad = PageBatch(1, good.runs, "raw", good.data, good.checksum ^ 1)
     link.send("sender", bad)

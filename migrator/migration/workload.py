@@ -1,0 +1,117 @@
+"""What is being migrated, and how it is checkpointed and restored.
+
+The migration drivers do not care whether they move a bare process tree
+or a container: they ask a Workload for the pids to track, for a final
+checkpoint that leaves every task stopped, and, on failure, to resume it.
+The destination gets the Workload's manifest (a small JSON image file,
+MANIFEST) and asks the matching Restorer to restore from the images,
+leaving the tasks stopped until the hand-over commits.
+
+Kinds: "process" (CRIU directly) here; container runtimes register their
+own (migrator/runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Callable
+
+from migrator.criu import runner
+from migrator.kernel import procfs
+
+MANIFEST = "migrator-manifest.json"
+
+
+class Workload:
+    kind = "?"
+
+    def pids(self) -> list[int]:
+        """The processes to track, root first."""
+        raise NotImplementedError
+
+    def checkpoint(self, images_dir: str) -> None:
+        """Final checkpoint into images_dir; every task is left stopped."""
+        raise NotImplementedError
+
+    def resume(self) -> None:
+        """Undo a checkpoint's stop (the hand-over failed)."""
+        raise NotImplementedError
+
+    def destroy(self, pids: list[int]) -> None:
+        """End the source copy (the commit point)."""
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind}
+
+
+class ProcessTree(Workload):
+    kind = "process"
+
+    def __init__(self, root: int, shell_job: bool = False,
+                 tcp_established: bool = False):
+        self.root = root
+        self.shell_job = shell_job
+        self.tcp_established = tcp_established
+
+    def pids(self) -> list[int]:
+        return procfs.process_tree(self.root)
+
+    def checkpoint(self, images_dir: str) -> None:
+        runner.dump(self.root, images_dir, leave_stopped=True,
+                    shell_job=self.shell_job,
+                    tcp_established=self.tcp_established)
+
+    def resume(self) -> None:
+        try:
+            runner.resume(self.root)
+        except OSError:
+            pass  # the tree is gone: nothing to resume
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind, "root": self.root,
+                "shell_job": self.shell_job,
+                "tcp_established": self.tcp_established}
+
+
+def write_manifest(images_dir: str, manifest: dict) -> None:
+    with open(os.path.join(images_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+
+
+def read_manifest(images_dir: str) -> dict:
+    try:
+        with open(os.path.join(images_dir, MANIFEST)) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise ValueError("the source sent no manifest") from None
+    if not isinstance(m, dict) or not isinstance(m.get("kind"), str):
+        raise ValueError(f"malformed manifest: {m!r}")
+    return m
+
+
+# kind -> restore(images_dir, manifest) -> root pid, tasks left stopped
+Restorer = Callable[[str, dict], int]
+
+
+def _restore_process(images_dir: str, manifest: dict) -> int:
+    return runner.restore(images_dir, detached=True, leave_stopped=True,
+                          shell_job=bool(manifest.get("shell_job")),
+                          tcp_established=bool(manifest.get("tcp_established")))
+
+
+RESTORERS: dict[str, Restorer] = {"process": _restore_process}
+
+
+def restore(images_dir: str) -> int:
+    m = read_manifest(images_dir)
+    fn = RESTORERS.get(m["kind"])
+    if fn is None:
+        raise ValueError(f"this node cannot restore a {m['kind']!r} workload")
+    return fn(images_dir, m)
