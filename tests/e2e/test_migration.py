@@ -168,6 +168,40 @@ def test_pre_copy_rounds_shrink_the_final_delta(pair):
         w.stop(b)
 
 
+def test_process_tree_moves_whole(pair):
+    """A shell with two counting children: the whole tree moves, every
+    process tracked on its own, pids kept."""
+    a, b = pair
+    progress = [f"/shared/tree-{i}.progress" for i in (1, 2)]
+    root = int(a.run(
+        "setsid sh -c '"
+        + " ".join(f"python3 {WORKLOADS}/counter.py {p} 4 0.05 &" for p in progress)
+        + " wait' </dev/null >/dev/null 2>&1 & echo $!").stdout)
+    kids = []
+    try:
+        workers = []
+        for p in progress:
+            w = Workload.__new__(Workload)
+            w.node, w.progress = a, p
+            wait_for(lambda w=w: len(w.lines()) >= 5, 30, "child progress")
+            w.pid = int(w.lines()[-1][1])
+            workers.append(w)
+        kids = [w.pid for w in workers]
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        r, events = send(a, root, a.peers["b"], "--insecure")
+        svc.wait(timeout=30)
+        assert r.returncode == 0, r.stderr[-2000:]
+        tracked = {p["pid"]: p["tracker"] for p in events[0]["processes"]}
+        assert set(tracked) == {root, *kids}, tracked
+        for w in workers:
+            w.keeps_running(b)
+            assert not w.running_on(a)
+            w.assert_healthy()
+    finally:
+        for node in (a, b):
+            node.run(["kill", "-9", str(root), *map(str, kids)], check=False)
+
+
 # ------------------------------------------------------------ failures
 #
 # Whatever fails before the commit point, the source must keep running as
