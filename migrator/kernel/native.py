@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import pathlib
 
@@ -58,8 +57,4 @@ def check(ret: int, what: str) -> int:
     return ret
 
 
-def is_errno(exc: OSError, *codes: int) -> bool:
-    return exc.errno in codes
-
-
-__all__ = ["ffi", "lib", "check", "is_errno", "NativeBuildError", "errno"]
+__all__ = ["ffi", "lib", "check", "NativeBuildError"]
