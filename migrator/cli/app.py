@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from migrator.cli import exits
+from migrator.cli import hook as hook_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Live migration of Linux processes and containers.")
@@ -218,6 +219,10 @@ def resolve(
     from migrator.migration.destination import resolve as run
     with exits.errors_to_exit(_emitter(False)):
         print(run(dir, migration, commit))
+
+
+# `hook` and `list`: the OCI hook entry and the container registry.
+hook_commands.register(app)
 
 
 def main() -> None:

@@ -6,14 +6,16 @@ File grammar (one JSON object, `<id>.json`):
 
     {"id": str, "pid": int, "pid_starttime": str | null, "bundle": str,
      "runtime": str, "runtime_path": str | null, "runtime_root": str | null,
+     "manager": "podman" | null,
      "cgroup": str | null, "annotations": {str: str},
      "network": {"address": str, "bridge": str, "gateway": str | null} | null,
      "registered_at": float (Unix time), "version": 1}
 
 Readers get the same object plus `"alive": bool`: whether the recorded pid
 still is the process that was registered (pid and start time match), so a
-registration left behind by a runtime that never ran poststop (a crash, a
-reboot of /run is not needed for that) is visible as such and not acted on.
+registration left behind by a runtime that never ran poststop (runc
+SIGKILLed during delete, a container killed outside its runtime) is visible
+as such and not acted on.
 
 Files are written to a temporary name in the same directory, fsynced and
 renamed, so a reader sees either the old registration or the new one,
@@ -87,7 +89,7 @@ def register(state: dict, runtime: dict | str, network: Optional[dict] = None,
     written.  ``runtime`` is a name or a dict with ``name``, ``path`` and
     ``root`` (see migrator.hooks.stages.detect_runtime)."""
     if isinstance(runtime, str):
-        runtime = {"name": runtime, "path": None, "root": None}
+        runtime = {"name": runtime}
     pid = state.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         raise RegistryError(f"container {state.get('id')!r} has no pid in its state")
@@ -100,6 +102,7 @@ def register(state: dict, runtime: dict | str, network: Optional[dict] = None,
         "runtime": runtime.get("name"),
         "runtime_path": runtime.get("path"),
         "runtime_root": runtime.get("root"),
+        "manager": runtime.get("manager"),
         "cgroup": cgroup_of(pid),
         "annotations": dict(state.get("annotations") or {}),
         "network": network,

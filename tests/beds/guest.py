@@ -7,9 +7,15 @@ tracking cannot be tested on it directly:
   boots with the node image (``tests.beds.image.ensure_image``) as its root
   disk, a copy of the working tree with the cffi extension built for the
   image's Python, and runs one command (normally the linux test tier).
-* arm64 (uffd-wp, no soft-dirty at all): the arm64 cloud kernel boots a tiny
-  initramfs (Debian's arm64 busybox-static and ``native/selftest.c``
-  cross-compiled statically) that runs the native self-test.
+* arm64 (uffd-wp, no soft-dirty at all), two ways:
+  - the arm64 cloud kernel boots a tiny initramfs (Debian's arm64
+    busybox-static and ``native/selftest.c`` cross-compiled statically)
+    that runs the native self-test;
+  - with ``rootfs=True`` it boots the arm64 node image
+    (``ensure_image(arch="arm64")``, bootstrapped on the host through
+    qemu-user-static) with the cffi extension built for its Python, and
+    runs one command exactly like the x86_64 guest (normally the Python
+    trackers' tier).
 
 Everything downloaded or built lives under ``$MIGRATOR_BEDS_DIR`` (default
 ``/var/cache/migrator-beds``) in ``guest/``, keyed by a hash of its recipe,
@@ -23,12 +29,14 @@ API::
     ensure_guests()                       # download and build everything
     run_guest("x86_64", ["python3", "-m", "pytest", "tests/linux"], 900)
     run_guest("arm64", None, 300)         # runs the native self-test
+    run_guest("arm64", ["python3", "-m", "pytest", "tests/linux"], 900, rootfs=True)
 
 Command line::
 
     python -m tests.beds.guest setup
     python -m tests.beds.guest x86_64 [-- CMD...]
     python -m tests.beds.guest arm64 [-- SELFTEST-ARGS...]
+    python -m tests.beds.guest arm64-root [-- CMD...]
 """
 
 from __future__ import annotations
@@ -66,11 +74,24 @@ ARCHES = {
         "meta": "linux-image-cloud-amd64",
         # virtio_pci and ext4 are built in; only the block driver is a module.
         "modules": ["kernel/drivers/block/virtio_blk.ko"],
+        "qemu": "qemu-system-x86_64",
+        "machine": ["-cpu", "max"],
+        "console": "ttyS0",
     },
     "arm64": {
         "deb": "arm64",
         "meta": "linux-image-cloud-arm64",
-        "modules": [],  # the arm64 guest runs from its initramfs only
+        # Same as x86_64 (pci-host-generic, virtio_pci, ext4 and crc32c are
+        # built in); only the root-disk guest loads it, the self-test
+        # guest runs from its initramfs alone.
+        "modules": ["kernel/drivers/block/virtio_blk.ko"],
+        "qemu": "qemu-system-aarch64",
+        # pauth-impdef: TCG's architected pointer-authentication cipher
+        # (QARMA) costs a lot in every function of Debian's arm64 userland,
+        # which is built with branch protection; the implementation-defined
+        # one is cheap and the guest cannot tell the difference.
+        "machine": ["-M", "virt", "-cpu", "max,pauth-impdef=on"],
+        "console": "ttyAMA0",
     },
 }
 
@@ -420,11 +441,15 @@ poweroff -f
 """
 
 
-def _x86_initrd(log=_log_default) -> pathlib.Path:
-    kdir = ensure_kernel("x86_64", log=log)
-    bb = ensure_busybox("x86_64", log=log)
+def _root_initrd(arch: str, log=_log_default) -> pathlib.Path:
+    """The initramfs that mounts the disks and switch_roots (_X86_INIT is
+    architecture-neutral despite its name: both root-disk guests use it)."""
+    kdir = ensure_kernel(arch, log=log)
+    bb = ensure_busybox(arch, log=log)
     key = _key(RECIPE_VERSION, kdir.name, bb.read_bytes(), _X86_INIT)
-    final = guest_dir() / "initrd" / f"x86_64-{key}"
+    # The arm64 self-test initramfs prunes "arm64-*": a different prefix.
+    prefix = "x86_64-" if arch == "x86_64" else f"root-{arch}-"
+    final = guest_dir() / "initrd" / f"{prefix}{key}"
 
     def build(tmp: pathlib.Path) -> None:
         c = _base_cpio(bb)
@@ -433,7 +458,11 @@ def _x86_initrd(log=_log_default) -> pathlib.Path:
             c.file(f"lib/{ko.name}", ko.read_bytes())
         (tmp / "initrd").write_bytes(c.finish())
 
-    return _build_atomically(final, build, prune="x86_64-") / "initrd"
+    return _build_atomically(final, build, prune=prefix) / "initrd"
+
+
+def _x86_initrd(log=_log_default) -> pathlib.Path:
+    return _root_initrd("x86_64", log)
 
 
 def _native_units() -> list[str]:
@@ -495,8 +524,9 @@ def _arm64_initrd(args: Sequence[str] = (), log=_log_default) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------
-# x86_64 disks: the node image as a cached ext4 root, the extension for the
-# image's Python, and a fresh run disk per call.
+# Root-disk guests (x86_64, arm64 with rootfs=True): the node image of the
+# guest's architecture as a cached ext4 root, the extension for the image's
+# Python, and a fresh run disk per call.
 
 
 def _tree_size(path: pathlib.Path) -> int:
@@ -517,33 +547,35 @@ def _mkfs(dest: pathlib.Path, src: pathlib.Path, label: str, size: int) -> None:
           "-d", str(src), str(dest)], f"mkfs.ext4 -d {src}", timeout=900)
 
 
-def _ensure_image(log) -> pathlib.Path:
+def _ensure_image(log, arch: str = "x86_64") -> pathlib.Path:
     # A host that cannot build images at all (not root, no debootstrap, no
-    # mirror) lacks a capability: skip.  A build that starts and then fails
-    # is a defect somewhere and must show as a failure.
-    if not (_image.image_path() / _image.STAMP).exists():
+    # mirror, no qemu-user binfmt for a foreign arch) lacks a capability:
+    # skip.  A build that starts and then fails is a defect somewhere and
+    # must show as a failure.
+    deb = ARCHES[arch]["deb"]
+    if not (_image.image_path(deb) / _image.STAMP).exists():
         try:
-            _image._check_host()
+            _image._check_host(deb)
             _image.debian_mirror()
         except _image.ImageError as e:
-            raise GuestUnavailable(f"node image cannot be built here: {e}") from e
+            raise GuestUnavailable(f"{deb} node image cannot be built here: {e}") from e
     try:
-        return _image.ensure_image(log=log)
+        return _image.ensure_image(log=log, arch=deb)
     except _image.ImageError as e:
-        raise GuestError(f"node image build failed: {e}") from e
+        raise GuestError(f"{deb} node image build failed: {e}") from e
 
 
-def _root_disk(log=_log_default) -> pathlib.Path:
-    img = _ensure_image(log)
+def _root_disk(log=_log_default, arch: str = "x86_64") -> pathlib.Path:
+    img = _ensure_image(log, arch)
     stamp = (img / _image.STAMP).read_text()
-    final = guest_dir() / "disks" / f"x86_64-root-{_key(RECIPE_VERSION, img.name, stamp)}"
+    final = guest_dir() / "disks" / f"{arch}-root-{_key(RECIPE_VERSION, img.name, stamp)}"
 
     def build(tmp: pathlib.Path) -> None:
         size = int(_tree_size(img) * 1.2) + (1 << 30)
-        log(f"building root disk from {img} ({size >> 20} MiB, sparse)")
+        log(f"building {arch} root disk from {img} ({size >> 20} MiB, sparse)")
         _mkfs(tmp / "root.img", img, "migroot", size)
 
-    return _build_atomically(final, build, prune="x86_64-root-") / "root.img"
+    return _build_atomically(final, build, prune=f"{arch}-root-") / "root.img"
 
 
 def _copy_tree(dest: pathlib.Path) -> None:
@@ -559,20 +591,27 @@ def _extension_inputs() -> list[pathlib.Path]:
     return files
 
 
-def _ensure_extension(log=_log_default) -> pathlib.Path:
+def _ensure_extension(log=_log_default, arch: str = "x86_64") -> pathlib.Path:
     """migrator/_native*.so built for the image's Python, outside the tree.
 
     Built with the image's own compiler and Python in a chroot on the host
-    (fast, unlike gcc under emulation), inside a private mount namespace so
-    nothing stays mounted; the image itself is not written to.
+    (fast, unlike gcc in a TCG machine; a foreign image's binaries run
+    through qemu-user's binfmt handler, still much faster than a whole
+    emulated machine), inside a private mount namespace so nothing stays
+    mounted; the image itself is not written to.
     """
-    img = _ensure_image(log)
+    img = _ensure_image(log, arch)
     key = _key(RECIPE_VERSION, img.name,
                *[str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes()
                  for p in _extension_inputs()])
-    final = guest_dir() / "ext" / f"x86_64-{key}"
+    final = guest_dir() / "ext" / f"{arch}-{key}"
 
     def build(tmp: pathlib.Path) -> None:
+        if ARCHES[arch]["deb"] != _image.host_arch():
+            try:
+                _image.ensure_binfmt(ARCHES[arch]["deb"])
+            except _image.ImageError as e:
+                raise GuestUnavailable(str(e)) from e
         src = tmp / "src"
         src.mkdir()
         for p in ("setup.py", "pyproject.toml"):
@@ -591,9 +630,11 @@ def _ensure_extension(log=_log_default) -> pathlib.Path:
             "'cd /src && PYTHONDONTWRITEBYTECODE=1 python3 setup.py -q build_ext "
             "--build-lib /src/out --build-temp /tmp/build'\n"
         )
-        log("building the cffi extension for the image's Python (chroot)")
+        log(f"building the cffi extension for the {arch} image's Python (chroot)")
+        started = time.monotonic()
         _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-             "building migrator._native for the guest", timeout=600)
+             f"building migrator._native for the {arch} guest", timeout=1200)
+        log(f"extension built in {time.monotonic() - started:.1f} s")
         built = sorted((src / "out" / "migrator").glob("_native*.so"))
         if not built:
             raise GuestError("extension build produced no migrator/_native*.so")
@@ -601,7 +642,24 @@ def _ensure_extension(log=_log_default) -> pathlib.Path:
             shutil.copyfile(so, tmp / so.name)
         shutil.rmtree(src)
 
-    return _build_atomically(final, build, prune="x86_64-")
+    return _build_atomically(final, build, prune=f"{arch}-")
+
+
+def junit_cases(junit_xml: bytes):
+    """(id, outcome, message) for every test case in a junit report;
+    outcome is passed, failed (failure or error) or skipped."""
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(junit_xml)
+    for case in root.iter("testcase"):
+        cid = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "failed", (child.get("message") or "")[:300]
+                break
+            if child.tag == "skipped":
+                outcome, message = "skipped", child.get("message") or ""
+        yield cid, outcome, message
 
 
 def _guest_command(command: Union[Sequence[str], str, None]) -> str:
@@ -693,26 +751,36 @@ def ensure_guests(log=_log_default, arches: Sequence[str] = ("x86_64", "arm64"))
             _arm64_initrd(log=log)
         else:
             log("native/selftest.c does not exist yet; the arm64 initramfs is built on first run")
+        # The arm64 root-disk guest (the Python tier): image, disk, extension.
+        _root_initrd("arm64", log)
+        _root_disk(log, "arm64")
+        _ensure_extension(log, "arm64")
 
 
 def run_guest(arch: str, command: Union[Sequence[str], str, None], timeout: float,
-              *, echo: bool = False, log=_log_default) -> GuestResult:
+              *, echo: bool = False, log=_log_default,
+              rootfs: Optional[bool] = None) -> GuestResult:
     """Boot the guest for ``arch``, run ``command``, power off.
 
-    x86_64: ``command`` (argv list, or a shell string) runs as root with
-    cwd /src (a copy of the working tree with the guest-built extension),
-    PYTHONPATH=/src; files it writes to $MIGRATOR_GUEST_RESULTS come back in
+    With a root disk (``rootfs``; the default for x86_64): ``command``
+    (argv list, or a shell string) runs as root with cwd /src (a copy of
+    the working tree with the guest-built extension), PYTHONPATH=/src;
+    files it writes to $MIGRATOR_GUEST_RESULTS come back in
     ``GuestResult.files``.  $MIGRATOR_GUEST_SCRATCH is disk-backed scratch.
-    arm64: only the native self-test runs; ``command``, if given, is its
-    argument list.  ``timeout`` bounds the whole boot; qemu is killed after
-    it.  Raises GuestUnavailable when a capability is missing and
-    GuestError when the guest does not finish.
+    arm64 without ``rootfs`` (the default there): only the native self-test
+    runs; ``command``, if given, is its argument list.  ``timeout`` bounds
+    the whole boot; qemu is killed after it.  Raises GuestUnavailable when
+    a capability is missing and GuestError when the guest does not finish.
     """
-    if arch == "x86_64":
-        return _run_x86(command, timeout, echo, log)
+    if arch not in ARCHES:
+        raise ValueError(f"unknown guest arch {arch!r} (x86_64 or arm64)")
+    if rootfs is None:
+        rootfs = arch == "x86_64"
+    if rootfs:
+        return _run_rooted(arch, command, timeout, echo, log)
     if arch == "arm64":
         return _run_arm64(command, timeout, echo, log)
-    raise ValueError(f"unknown guest arch {arch!r} (x86_64 or arm64)")
+    raise ValueError("the x86_64 guest always boots its root disk")
 
 
 def _run_arm64(command, timeout, echo, log) -> GuestResult:
@@ -741,15 +809,16 @@ def _run_arm64(command, timeout, echo, log) -> GuestResult:
     return GuestResult(int(rc), output, release, {}, console, boot, total)
 
 
-def _run_x86(command, timeout, echo, log) -> GuestResult:
-    qemu = _qemu("qemu-system-x86_64")
+def _run_rooted(arch, command, timeout, echo, log) -> GuestResult:
+    spec = ARCHES[arch]
+    qemu = _qemu(spec["qemu"])
     for tool in ("mkfs.ext4", "unshare", "chroot", "dpkg-deb", "apt-get"):
         if not shutil.which(tool):
             raise GuestUnavailable(f"{tool} is not installed on the host")
-    kdir = ensure_kernel("x86_64", log=log)
-    initrd = _x86_initrd(log)
-    root = _root_disk(log)
-    ext = _ensure_extension(log)
+    kdir = ensure_kernel(arch, log=log)
+    initrd = _root_initrd(arch, log)
+    root = _root_disk(log, arch)
+    ext = _ensure_extension(log, arch)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="migrator-guest-"))
     try:
         stage = tmp / "stage"
@@ -768,10 +837,10 @@ def _run_x86(command, timeout, echo, log) -> GuestResult:
         results = tmp / "results.img"
         with open(results, "wb") as f:
             f.truncate(512 << 20)
-        argv = [qemu, "-accel", "tcg", "-cpu", "max", "-m", "3G", "-smp", "2",
+        argv = [qemu, *spec["machine"], "-accel", "tcg", "-m", "3G", "-smp", "2",
                 "-nographic", "-nic", "none", "-no-reboot",
                 "-kernel", str(kdir / "vmlinuz"), "-initrd", str(initrd),
-                "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+                "-append", f"console={spec['console']} panic=-1 quiet loglevel=3",
                 # The cached root disk stays pristine: writes go to a
                 # throw-away overlay.
                 "-drive", f"file={root},format=raw,if=virtio,snapshot=on",
@@ -792,7 +861,7 @@ def _run_x86(command, timeout, echo, log) -> GuestResult:
         if timed_out or not rc_text:
             why = (f"timed out after {timeout:.0f} s" if timed_out
                    else "powered off without a result")
-            raise GuestError(f"x86_64 guest {why}; console tail:\n{_tail(console)}")
+            raise GuestError(f"{arch} guest {why}; console tail:\n{_tail(console)}")
         release = (files.get("kernel_release", b"").decode().strip()
                    or _marker(console, "kernel") or "")
         output = files.get("output", b"").decode(errors="replace")
@@ -803,8 +872,9 @@ def _run_x86(command, timeout, echo, log) -> GuestResult:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m tests.beds.guest {setup,x86_64,arm64} [--timeout S] [-- CMD...]"
-    if not argv or argv[0] not in ("setup", "x86_64", "arm64"):
+    usage = ("usage: python -m tests.beds.guest {setup,x86_64,arm64,arm64-root} "
+             "[--timeout S] [-- CMD...]")
+    if not argv or argv[0] not in ("setup", "x86_64", "arm64", "arm64-root"):
         print(usage, file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
@@ -819,7 +889,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             ensure_guests()
             _log_default(f"guests ready in {time.monotonic() - started:.1f} s under {guest_dir()}")
             return 0
-        r = run_guest(what, rest or None, timeout, echo=True)
+        if what == "arm64-root":
+            r = run_guest("arm64", rest or None, timeout, echo=True, rootfs=True)
+        else:
+            r = run_guest(what, rest or None, timeout, echo=True)
     except GuestUnavailable as e:
         _log_default(f"unavailable: {e}")
         return 77

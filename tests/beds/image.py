@@ -12,14 +12,24 @@ renamed into place only when complete, so a crashed build never leaves
 something that looks like an image.
 
     python -m tests.beds.image      # build (or find) the image, print its path
+    python -m tests.beds.image --arch arm64   # a foreign-architecture image
+
+A foreign architecture (``arch`` other than the host's dpkg architecture,
+e.g. an arm64 root for the arm64 qemu guest) is bootstrapped with
+debootstrap's second stage running on the host through qemu-user-static's
+binfmt_misc handler, which is far faster than running it in an emulated
+machine.  Its cache key and directory name carry the architecture; the
+host architecture's key is what it always was, so existing images stay valid.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -90,16 +100,44 @@ def _ca_digest() -> str:
         return "no-ca-bundle"
 
 
-def recipe_key() -> str:
-    recipe = "\n".join(
-        [RECIPE_VERSION, SUITE, VARIANT, ",".join(sorted(PACKAGES)), _ca_digest()]
-    )
-    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+# platform.machine() -> Debian architecture, for hosts without dpkg.
+_DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+# Debian architecture -> the binfmt_misc entry qemu-user-static registers.
+QEMU_BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
 
 
-def image_path() -> pathlib.Path:
+@functools.lru_cache(maxsize=None)
+def host_arch() -> str:
+    """The host's Debian architecture (amd64, arm64, ...)."""
+    try:
+        out = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return _DEB_ARCH.get(platform.machine(), platform.machine())
+
+
+def _arch(arch: Optional[str]) -> str:
+    return _DEB_ARCH.get(arch, arch) if arch else host_arch()
+
+
+def recipe_key(arch: Optional[str] = None) -> str:
+    arch = _arch(arch)
+    parts = [RECIPE_VERSION, SUITE, VARIANT, ",".join(sorted(PACKAGES)), _ca_digest()]
+    if arch != host_arch():
+        # Only foreign images name their architecture in the recipe: the
+        # host's key stays what it was before images had an architecture.
+        parts.append(f"arch={arch}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def image_path(arch: Optional[str] = None) -> pathlib.Path:
     """Where the image for the current recipe lives (it may not exist yet)."""
-    return beds_dir() / "images" / f"trixie-{recipe_key()}"
+    arch = _arch(arch)
+    name = "trixie" if arch == host_arch() else f"trixie-{arch}"
+    return beds_dir() / "images" / f"{name}-{recipe_key(arch)}"
 
 
 def _sources_files() -> list[pathlib.Path]:
@@ -209,16 +247,71 @@ def _remove_stale_builds(images: pathlib.Path, log: Callable[[str], None]) -> No
         remove_tree(tmp)
 
 
-def _check_host() -> None:
+BINFMT_DIR = pathlib.Path("/proc/sys/fs/binfmt_misc")
+
+
+def _binfmt_enabled(entry: str) -> bool:
+    try:
+        lines = (BINFMT_DIR / entry).read_text().splitlines()
+    except OSError:
+        return False
+    # "F" (fix binary): the kernel opened the interpreter when it was
+    # registered, so it also runs inside a chroot that lacks it.
+    flags = next((l.split(":", 1)[1] for l in lines if l.startswith("flags:")), "")
+    return bool(lines) and lines[0] == "enabled" and "F" in flags
+
+
+def ensure_binfmt(arch: str) -> None:
+    """Make sure ``arch`` binaries run on this host through qemu-user-static.
+
+    Outside systemd (containers, CI) nothing mounts binfmt_misc or loads
+    qemu-user-static's entries, so do what systemd-binfmt would: mount it
+    and ask update-binfmts (binfmt-support) to enable the entry.
+    """
+    entry = QEMU_BINFMT.get(arch)
+    if entry is None:
+        raise ImageError(f"no qemu-user binfmt entry known for architecture {arch}")
+    if _binfmt_enabled(entry):
+        return
+    if not (BINFMT_DIR / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+                       capture_output=True)
+    if not (BINFMT_DIR / "register").exists():
+        raise ImageError(f"binfmt_misc cannot be mounted at {BINFMT_DIR}: "
+                         f"{arch} binaries cannot run on this host")
+    if shutil.which("update-binfmts"):
+        subprocess.run(["update-binfmts", "--enable", entry], capture_output=True)
+    conf = pathlib.Path("/usr/lib/binfmt.d") / f"{entry}.conf"
+    if not _binfmt_enabled(entry) and conf.exists() and not (BINFMT_DIR / entry).exists():
+        # Without binfmt-support: register qemu-user-static's own
+        # systemd-binfmt line, exactly as systemd-binfmt would.
+        line = next((l for l in conf.read_text().splitlines()
+                     if l.startswith(":")), None)
+        if line:
+            try:
+                (BINFMT_DIR / "register").write_text(line)
+            except OSError:
+                pass
+    if not _binfmt_enabled(entry):
+        raise ImageError(
+            f"{arch} binaries cannot run on this host: binfmt_misc has no enabled "
+            f"{entry} entry with the F flag (apt-get install qemu-user-static binfmt-support)")
+
+
+def _check_host(arch: Optional[str] = None) -> None:
     if os.geteuid() != 0:
         raise ImageError("building the node image needs root")
     if not shutil.which("debootstrap"):
         raise ImageError("debootstrap is not installed on the host (apt-get install debootstrap)")
     if not shutil.which("unshare"):
         raise ImageError("unshare (util-linux) is not installed on the host")
+    if _arch(arch) != host_arch():
+        ensure_binfmt(_arch(arch))
 
 
-def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: bool) -> None:
+def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: bool,
+           arch: Optional[str] = None) -> None:
+    arch = _arch(arch)
     logfile = tmp.parent / f"{tmp.name}.log"
     # Downloaded .debs are kept: a recipe change then rebuilds without
     # fetching everything again.
@@ -229,6 +322,8 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
         # target (proc, sys) vanishes with it, even if it is killed.
         "unshare", "--mount", "--propagation", "private",
         "debootstrap", f"--variant={VARIANT}", f"--cache-dir={cache}", f"--include={','.join(PACKAGES)}",
+        # Both stages run here; a foreign one's second stage through binfmt.
+        f"--arch={arch}",
         SUITE, str(tmp), mirror,
     ]
     log(f"running: {' '.join(cmd[4:])}")
@@ -276,23 +371,26 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
     for d in ("src", "sys/fs/cgroup", "run", "tmp", "proc", "dev", ".oldroot"):
         (tmp / d).mkdir(parents=True, exist_ok=True)
     (tmp / STAMP).write_text(
-        f"recipe={RECIPE_VERSION}\nkey={recipe_key()}\nsuite={SUITE}\n"
+        f"recipe={RECIPE_VERSION}\nkey={recipe_key(arch)}\nsuite={SUITE}\narch={arch}\n"
         f"packages={' '.join(PACKAGES)}\nbuilt={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
     )
 
 
-def ensure_image(log: Optional[Callable[[str], None]] = None, verbose: bool = False) -> pathlib.Path:
+def ensure_image(log: Optional[Callable[[str], None]] = None, verbose: bool = False,
+                 arch: Optional[str] = None) -> pathlib.Path:
     """Return the path of a complete node image, building it if needed.
 
     Idempotent and quick when the image for the current recipe exists.
     Concurrent callers serialise on a lock file; only one builds.
+    ``arch``: a Debian architecture; default the host's.
     Raises ImageError when the host cannot build it.
     """
     log = log or (lambda msg: None)
-    final = image_path()
+    arch = _arch(arch)
+    final = image_path(arch)
     if (final / STAMP).exists():
         return final
-    _check_host()
+    _check_host(arch)
     images = final.parent
     images.mkdir(parents=True, exist_ok=True)
     with open(images / f".lock-{final.name}", "w") as lock:
@@ -306,10 +404,11 @@ def ensure_image(log: Optional[Callable[[str], None]] = None, verbose: bool = Fa
             remove_tree(final)
         tmp = images / f".build-{final.name}-{os.getpid()}"
         mirror = debian_mirror()
-        log(f"building node image {final.name} from {mirror} (takes about a minute)")
+        log(f"building node image {final.name} ({arch}) from {mirror} "
+            f"(about a minute native, several under binfmt emulation)")
         started = time.monotonic()
         try:
-            _build(tmp, mirror, log, verbose)
+            _build(tmp, mirror, log, verbose, arch)
             os.rename(tmp, final)  # atomic: same directory
         except BaseException:
             try:
@@ -325,8 +424,10 @@ def main() -> int:
     def say(msg: str) -> None:
         print(f"[image] {msg}", flush=True)
 
+    args = sys.argv[1:]
+    arch = args[args.index("--arch") + 1] if "--arch" in args[:-1] else None
     try:
-        path = ensure_image(log=say, verbose="-q" not in sys.argv[1:])
+        path = ensure_image(log=say, verbose="-q" not in args, arch=arch)
     except ImageError as e:
         say(f"error: {e}")
         return 1

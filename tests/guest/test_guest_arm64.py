@@ -1,14 +1,31 @@
-"""The native self-test inside Debian's arm64 cloud kernel (qemu, TCG).
+"""The arm64 guests: Debian's arm64 cloud kernel under qemu (TCG).
 
 arm64 has no soft-dirty at all, so dirty tracking there rests on
-userfaultfd write-protect; this boots the real arm64 kernel and checks that
-the self-test passed and exercised uffd-wp.  A guest that boots but fails
-is a failure; only a missing capability (qemu, cross compiler, kernel
-download) skips.
+userfaultfd write-protect.  Two boots of the real arm64 kernel:
+
+* the native self-test from a tiny initramfs: it must pass and exercise
+  uffd-wp;
+* the Python tier (trackers, syscall injection, CLI) inside the arm64 node
+  image, with the cffi extension built for its Python; its junit report
+  comes back to the host and is judged here.  This is the only place the
+  aarch64 injection code and the Python uffd-wp tracker run on arm64.
+
+A guest that boots but fails is a failure; only a missing capability
+(qemu, cross compiler, kernel download, qemu-user binfmt to bootstrap the
+arm64 image) skips, and says which.
+
+MIGRATOR_GUEST_ARM64_TIMEOUT       seconds for the self-test boot (default 300)
+MIGRATOR_GUEST_ARM64_TIER_TIMEOUT  seconds for the Python-tier boot (default 1200)
+MIGRATOR_GUEST_ARM64_TESTS         paths/options for the in-guest pytest
+                                   (default: the trackers, inject and CLI tests)
+MIGRATOR_GUEST_ARM64_EXAMPLES      hypothesis examples per property test in the
+                                   guest (default 15: TCG runs arm64 Python
+                                   roughly 20-40x slower than the host)
 """
 
 import os
 import re
+import shlex
 
 import pytest
 
@@ -17,6 +34,12 @@ from tests.beds import guest
 pytestmark = pytest.mark.guest_arm64
 
 TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_ARM64_TIMEOUT", "300"))
+TIER_TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_ARM64_TIER_TIMEOUT", "1200"))
+TIER_SELECTION = shlex.split(os.environ.get(
+    "MIGRATOR_GUEST_ARM64_TESTS",
+    "tests/linux/test_trackers.py tests/linux/test_inject.py tests/linux/test_cli.py"))
+TIER_EXAMPLES = int(os.environ.get("MIGRATOR_GUEST_ARM64_EXAMPLES", "15"))
+JUNIT = "junit.xml"
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +70,68 @@ def test_arm64_uffd_wp_exercised(selftest):
     assert not bad, "uffd-wp was not exercised:\n" + "\n".join(bad)
     sd = [l for l in selftest.output.splitlines() if re.search(r"soft[-_ ]?dirty", l, re.I)]
     print("soft-dirty on arm64: " + ("; ".join(sd) if sd else "(no soft-dirty line)"))
+
+
+# ---------------------------------------------------------------- Python tier
+
+def _tier_command() -> str:
+    # The project's conftest loads the hypothesis profile named by
+    # MIGRATOR_HYPOTHESIS; registering a smaller one before pytest starts
+    # keeps the property tests' scenario count affordable under TCG
+    # without changing what they check.
+    runner = ("import sys, pytest; from hypothesis import settings; "
+              f"settings.register_profile('guest-arm64', max_examples={TIER_EXAMPLES}); "
+              "sys.exit(pytest.main(sys.argv[1:]))")
+    return ("MIGRATOR_HYPOTHESIS=guest-arm64 python3 -c " + shlex.quote(runner)
+            + " -q -rs -p no:cacheprovider --durations=15 "
+            + " ".join(shlex.quote(a) for a in TIER_SELECTION)
+            + f' --junitxml="$MIGRATOR_GUEST_RESULTS/{JUNIT}"')
+
+
+@pytest.fixture(scope="module")
+def tier():
+    try:
+        r = guest.run_guest("arm64", _tier_command(), TIER_TIMEOUT, rootfs=True)
+    except guest.GuestUnavailable as e:
+        pytest.skip(f"arm64 root-disk guest unavailable: {e}")
+    print(f"\narm64 guest kernel: {r.kernel_release}; first output after "
+          f"{r.boot_seconds:.1f} s; qemu ran {r.total_seconds:.1f} s; "
+          f"in-guest pytest exit {r.returncode}")
+    print("\n".join(r.output.splitlines()[-25:]))
+    return r
+
+
+def _tier_cases(r):
+    if JUNIT not in r.files:
+        pytest.fail(f"the arm64 guest wrote no junit report (exit {r.returncode}); "
+                    "output tail:\n" + "\n".join(r.output.splitlines()[-40:]))
+    return list(guest.junit_cases(r.files[JUNIT]))
+
+
+def test_arm64_tier_kernel(tier):
+    assert tier.kernel_release.endswith("-cloud-arm64"), tier.kernel_release
+
+
+def test_arm64_tier_passes(tier):
+    cases = _tier_cases(tier)
+    counts = {o: sum(1 for _, oc, _ in cases if oc == o) for o in ("passed", "failed", "skipped")}
+    print(f"arm64 guest ({tier.kernel_release}) tests: {counts}")
+    for cid, outcome, msg in cases:
+        if outcome == "skipped":
+            print(f"  skipped in arm64 guest: {cid}: {msg}")
+    failed = [f"{cid}: {msg}" for cid, outcome, msg in cases if outcome == "failed"]
+    assert not failed, "failed inside the arm64 guest:\n" + "\n".join(failed)
+    assert tier.returncode == 0, (f"in-guest pytest exited {tier.returncode}; output tail:\n"
+                                  + "\n".join(tier.output.splitlines()[-40:]))
+    assert cases, "the arm64 guest ran no tests"
+
+
+def test_arm64_tier_ran_uffd_wp_trackers(tier):
+    cases = _tier_cases(tier)
+    wp = [(cid, o, m) for cid, o, m in cases
+          if "test_trackers" in cid and re.search(r"uffd[-_]?wp", cid, re.I)]
+    for cid, o, m in wp:
+        print(f"  {o}: {cid} {m}")
+    # Zero is a failure, never a skip: uffd-wp is arm64's only tracker.
+    assert any(o == "passed" for _, o, _ in wp), (
+        f"no uffd-wp tracker test passed inside the arm64 guest ({len(wp)} found: {wp})")

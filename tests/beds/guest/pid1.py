@@ -1,4 +1,4 @@
-"""PID 1 of the x86_64 soft-dirty guest (runs under the guest's Python 3.13).
+"""PID 1 of the root-disk guests (x86_64 soft-dirty, arm64; the guest's Python 3.13).
 
 The initramfs mounts the root disk (/dev/vda, the node image) and the run
 disk (/dev/vdb, at /mnt) and switch_roots into this script.  It sets up the
