@@ -36,7 +36,7 @@ def run(*args, env=None, timeout=60):
                           env={**os.environ, **(env or {})})
 
 
-def wait_until(cond, timeout=10.0, what="condition"):
+def wait_until(cond, timeout=60.0, what="condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
