@@ -49,23 +49,8 @@ def _ifname_for(node: Node, peer: Node) -> str:
     return name
 
 
-def connect(a: Node, b: Node, subnet: Optional[int] = None) -> Link:
-    """Join two nodes with a veth pair on a fresh 198.18.<k>.0/24.
-
-    Inside ``a`` the interface is ``v-<b.name>`` with 198.18.<k>.1, inside
-    ``b`` it is ``v-<a.name>`` with .2.  Sets ``node.addr`` (first link
-    only), ``node.addrs[peer]`` and ``node.peers[peer]``.
-    """
-    if subnet is None:
-        with _subnet_lock:
-            subnet = next(_subnets)
-    # 198.18.0.0/15 is 198.18.0.0 - 198.19.255.255: 512 /24s.
-    if not 0 <= subnet < 512:
-        raise ValueError("out of 198.18.0.0/15 subnets")
-    net = f"198.{18 + subnet // 256}.{subnet % 256}"
-    a_addr, b_addr = f"{net}.1", f"{net}.2"
-    a_if, b_if = _ifname_for(a, b), _ifname_for(b, a)
-
+def _veth(a: Node, b: Node, a_if: str, b_if: str) -> None:
+    """A veth pair with one end named a_if in node a, the other b_if in b."""
     # Host-side temporary names, unique per process, recorded before they
     # exist so a crash right after creation is still cleaned up.
     n = next(_names)
@@ -83,15 +68,54 @@ def connect(a: Node, b: Node, subnet: Optional[int] = None) -> Link:
             if idx:
                 host.link("del", index=idx[0])
             raise
-
-    for node, tmp, ifname, addr in ((a, tmp_a, a_if, a_addr), (b, tmp_b, b_if, b_addr)):
+    for node, tmp, ifname in ((a, tmp_a, a_if), (b, tmp_b, b_if)):
         with _ipr(node) as ipr:
             found = ipr.link_lookup(ifname=tmp)
             if not found:
                 names = [l.get("ifname") for l in ipr.get_links()]
                 raise RuntimeError(f"{tmp} did not arrive in {node.name} (has {names})")
-            idx = found[0]
-            ipr.link("set", index=idx, ifname=ifname)
+            ipr.link("set", index=found[0], ifname=ifname)
+
+
+def bridge_segment(a: Node, b: Node, bridge: str = "brmig") -> None:
+    """One layer-2 segment across two nodes: a bridge named `bridge` in
+    each (created if missing), joined by a veth pair enslaved to both.
+    Containers attached to either bridge are neighbours, so an address can
+    move with its container from one node to the other."""
+    a_if, b_if = f"s-{b.name}"[:15], f"s-{a.name}"[:15]
+    _veth(a, b, a_if, b_if)
+    for node, ifname in ((a, a_if), (b, b_if)):
+        with _ipr(node) as ipr:
+            if not ipr.link_lookup(ifname=bridge):
+                ipr.link("add", ifname=bridge, kind="bridge")
+            br = ipr.link_lookup(ifname=bridge)[0]
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=idx, master=br)
+            ipr.link("set", index=idx, state="up")
+            ipr.link("set", index=br, state="up")
+
+
+def connect(a: Node, b: Node, subnet: Optional[int] = None) -> Link:
+    """Join two nodes with a veth pair on a fresh 198.18.<k>.0/24.
+
+    Inside ``a`` the interface is ``v-<b.name>`` with 198.18.<k>.1, inside
+    ``b`` it is ``v-<a.name>`` with .2.  Sets ``node.addr`` (first link
+    only), ``node.addrs[peer]`` and ``node.peers[peer]``.
+    """
+    if subnet is None:
+        with _subnet_lock:
+            subnet = next(_subnets)
+    # 198.18.0.0/15 is 198.18.0.0 - 198.19.255.255: 512 /24s.
+    if not 0 <= subnet < 512:
+        raise ValueError("out of 198.18.0.0/15 subnets")
+    net = f"198.{18 + subnet // 256}.{subnet % 256}"
+    a_addr, b_addr = f"{net}.1", f"{net}.2"
+    a_if, b_if = _ifname_for(a, b), _ifname_for(b, a)
+
+    _veth(a, b, a_if, b_if)
+    for node, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
+        with _ipr(node) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
             ipr.addr("add", index=idx, address=addr, prefixlen=24)
             ipr.link("set", index=idx, state="up")
     for node, peer, ifname, mine, theirs in ((a, b, a_if, a_addr, b_addr), (b, a, b_if, b_addr, a_addr)):
