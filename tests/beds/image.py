@@ -37,10 +37,19 @@ import time
 from typing import Callable, Optional
 
 # Bump when the steps below change in a way the package list does not show.
-RECIPE_VERSION = "beds-image-3"
+RECIPE_VERSION = "beds-image-4"
 
 SUITE = "trixie"
 VARIANT = "minbase"
+
+# CRIU 4.1.1 (trixie) cannot dump any process holding an INET socket on
+# Linux 6.16 and later: the kernel restricted SO_PASSCRED / SO_PASSSEC to
+# unix, netlink and bluetooth sockets, and CRIU treats the refused
+# getsockopt as fatal ("sockets: Can't get 1:16 opt").  CRIU 4.2 handles
+# it.  So the nodes take criu (and libcriu2, which crun loads) from the
+# next Debian release, pinned to those packages and what they need.
+CRIU_SUITE = "forky"
+CRIU_PACKAGES = ("criu", "libcriu2")
 
 # What a node needs: runtimes and CRIU (iptables: CRIU locks the network with
 # iptables-restore), tools the beds drive (iproute2, procps), busybox-static
@@ -125,7 +134,8 @@ def _arch(arch: Optional[str]) -> str:
 
 def recipe_key(arch: Optional[str] = None) -> str:
     arch = _arch(arch)
-    parts = [RECIPE_VERSION, SUITE, VARIANT, ",".join(sorted(PACKAGES)), _ca_digest()]
+    parts = [RECIPE_VERSION, SUITE, VARIANT, ",".join(sorted(PACKAGES)),
+             CRIU_SUITE, ",".join(CRIU_PACKAGES), _ca_digest()]
     if arch != host_arch():
         # Only foreign images name their architecture in the recipe: the
         # host's key stays what it was before images had an architecture.
@@ -359,6 +369,7 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
             f"debootstrap failed (exit {rc}); log {logfile}:\n" + "\n".join(tail)
         )
     logfile.unlink(missing_ok=True)
+    _install_newer_criu(tmp, mirror, log)
 
     if CA_BUNDLE.exists():
         dest = tmp / str(CA_BUNDLE).lstrip("/")
@@ -374,6 +385,41 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
         f"recipe={RECIPE_VERSION}\nkey={recipe_key(arch)}\nsuite={SUITE}\narch={arch}\n"
         f"packages={' '.join(PACKAGES)}\nbuilt={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
     )
+
+
+def _install_newer_criu(root: pathlib.Path, mirror: str,
+                        log: Callable[[str], None]) -> None:
+    """CRIU_PACKAGES from CRIU_SUITE into the fresh root (see CRIU_SUITE)."""
+    src = root / "etc/apt/sources.list.d/migrator-criu.list"
+    src.write_text(f"deb {mirror} {CRIU_SUITE} main\n")
+    # Nothing else may come from that suite unless CRIU needs it.
+    pref = root / "etc/apt/preferences.d/migrator-criu"
+    pref.write_text(f"Package: *\nPin: release n={CRIU_SUITE}\nPin-Priority: 100\n")
+    resolv = root / "etc/resolv.conf"
+    had_resolv = resolv.exists() or resolv.is_symlink()
+    if not had_resolv and pathlib.Path("/etc/resolv.conf").exists():
+        shutil.copyfile("/etc/resolv.conf", resolv)
+    # The mirror may serve a frozen snapshot whose Release files are past
+    # their Valid-Until date: accept them, as debootstrap did.
+    script = ("mount -t proc proc /proc && "
+              "apt-get -q -o Acquire::Check-Valid-Until=false update && "
+              "DEBIAN_FRONTEND=noninteractive apt-get -q install -y "
+              f"--no-install-recommends -t {CRIU_SUITE} {' '.join(CRIU_PACKAGES)}")
+    log(f"installing {', '.join(CRIU_PACKAGES)} from {CRIU_SUITE}")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private",
+                        "chroot", str(root), "sh", "-c", script],
+                       capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    try:
+        if r.returncode != 0:
+            raise ImageError(f"installing CRIU from {CRIU_SUITE} failed:\n"
+                             + (r.stdout + r.stderr)[-3000:])
+    finally:
+        # The image keeps no list of the other suite: nodes never upgrade.
+        src.unlink(missing_ok=True)
+        shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+        if not had_resolv:
+            resolv.unlink(missing_ok=True)
 
 
 def ensure_image(log: Optional[Callable[[str], None]] = None, verbose: bool = False,
