@@ -582,6 +582,11 @@ def report(results, args, out):
         p("                                 " + "  ".join(
             f"{med([x['breakdown'][k] for x in mig]):>{len(k) - 3 if k != 'delta_pages' else 11}.0f}"
             for k in keys))
+        split = [k for k in ("rebuild_ms", "criu_restore_ms")
+                 if all(k in x['breakdown'] for x in mig)]
+        if split:
+            p("  restore at the destination (ms, median): " + ", ".join(
+                f"{k[:-3]} {med([x['breakdown'][k] for x in mig]):.0f}" for k in split))
         p(f"  migrator pages per round (each repeat): "
           f"{'; '.join(str(x['round_pages']) for x in mig)}")
         p(f"  stop-and-copy parts (ms, median): dump "

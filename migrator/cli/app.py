@@ -148,8 +148,14 @@ class _Progress:
 
 @app.command()
 def send(
-    pid: Annotated[int, typer.Option("--pid", help="Root of the process tree to migrate.")],
-    to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT (migrator recv).")],
+    container: Annotated[Optional[str], typer.Argument(
+        help="runc/crun container id to migrate (instead of --pid).")] = None,
+    pid: Annotated[Optional[int], typer.Option("--pid", help="Root of the process tree to migrate.")] = None,
+    to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT (migrator recv).")] = ...,
+    runtime: Annotated[Optional[str], typer.Option(
+        "--runtime", help="runc or crun (default: the one that has CONTAINER).")] = None,
+    shared_storage: Annotated[bool, typer.Option(
+        "--shared-storage", help="The destination sees the same rootfs: do not copy it.")] = False,
     downtime_ms: Annotated[float, typer.Option(
         "--downtime-ms", min=1, help="Switch over when the final transfer should fit this.")] = 300,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 30,
@@ -157,7 +163,8 @@ def send(
     bandwidth: Annotated[Optional[float], typer.Option(
         "--bandwidth", min=0.1, help="Cap the send rate, MiB/s.")] = None,
     compress: Annotated[str, typer.Option(
-        "--compress", help="zstd level (e.g. 1, 3, 19; negative = faster) or 'off'.")] = "3",
+        "--compress", help="zstd level (e.g. 1, 3, 19; negative = faster) or 'off'. "
+        "Batches that do not compress are sent raw after a 64 KiB probe.")] = "1",
     tracker: Annotated[Optional[str], typer.Option("--tracker", help="Force a tracker.")] = None,
     workdir: Annotated[Optional[str], typer.Option(
         "--workdir", help="Local directory (tmpfs) for the final dump.")] = None,
@@ -170,9 +177,16 @@ def send(
     tls_ca: TlsCa = None, insecure: Insecure = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
 ):
-    """Live-migrate a process tree to a node running 'migrator recv'."""
+    """Live-migrate a process tree or a container to a node running 'migrator recv'."""
     from migrator.migration.policy import Limits
-    from migrator.migration.source import SendOptions, send as run
+    from migrator.migration.source import SendOptions, Source
+    from migrator.migration.workload import ProcessTree
+    if (pid is None) == (container is None):
+        raise typer.BadParameter("give exactly one of --pid or CONTAINER")
+    if runtime not in (None, "runc", "crun"):
+        raise typer.BadParameter("--runtime is runc or crun")
+    if container is None and (runtime or shared_storage):
+        raise typer.BadParameter("--runtime and --shared-storage need CONTAINER")
     _sigterm_as_interrupt()
     emit = _Progress(as_json)
     with exits.errors_to_exit(_emitter(as_json)):
@@ -183,7 +197,16 @@ def send(
             bandwidth=bandwidth * 2**20 if bandwidth else None, level=level,
             tracker=tracker, workdir=workdir, tcp_established=tcp_established,
             shell_job=shell_job, io_timeout=timeout)
-        emit(run(pid, opts, emit))
+        if container is None:
+            work = ProcessTree(pid, shell_job=shell_job, tcp_established=tcp_established)
+        else:
+            from migrator.runtime import container_workload
+            from migrator.runtime.oci import OciError
+            try:
+                work = container_workload(container, runtime, shared_storage)
+            except OciError as e:
+                raise ValueError(str(e)) from None  # a usage problem: exit 1, no traceback
+        emit(Source(work, opts, emit).run())
 
 
 @app.command()

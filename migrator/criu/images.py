@@ -363,7 +363,8 @@ def iter_pages(dir: Union[str, os.PathLike], pid: int, *, with_data: bool = True
 
 
 def rebuild_pages_img(dir: Union[str, os.PathLike], pid: int,
-                      source: Callable[[int, int], bytes], *,
+                      source: Optional[Callable[[int, int], bytes]] = None, *,
+                      copy: Optional[Callable[[int, int, int, int], None]] = None,
                       psize: Optional[int] = None,
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                       fsync: bool = True) -> str:
@@ -375,14 +376,29 @@ def rebuild_pages_img(dir: Union[str, os.PathLike], pid: int,
     renamed into place, so CRIU never sees a half-written one; on failure
     nothing is left behind and an existing pages file is untouched.
     Returns the path written.
+
+    Instead of ``source``, ``copy(vaddr, npages, fd, offset)`` may write
+    each run itself into the open file ``fd`` at ``offset`` (whole runs:
+    ``chunk_bytes`` does not apply), e.g. with copy_file_range.
     """
+    if (source is None) == (copy is None):
+        raise TypeError("rebuild_pages_img takes one of source and copy")
     psize = psize or page_size()
     pm = read_pagemap(dir, pid)
     path = _pages_path(dir, pm)
     tmp = os.path.join(dir, f".{pm.pages_name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        for vaddr, n in _split(dumped_runs(pm), psize, chunk_bytes):
+        if copy is not None:
+            off = 0
+            for vaddr, n in dumped_runs(pm):
+                copy(vaddr, n, fd, off)
+                off += n * psize
+            if os.fstat(fd).st_size != off:
+                raise ImageError(f"{tmp}: {os.fstat(fd).st_size} bytes written, "
+                                 f"the pagemap describes {off}")
+        for vaddr, n in (() if copy is not None else
+                         _split(dumped_runs(pm), psize, chunk_bytes)):
             data = source(vaddr, n)
             if len(data) != n * psize:
                 raise ImageError(f"source gave {len(data)} bytes for {n} pages "

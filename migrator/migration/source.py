@@ -22,13 +22,19 @@ memory crosses in the frozen step.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import queue
+import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,10 +45,10 @@ from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.migration.workload import ProcessTree, Workload, write_manifest
-from migrator.protocol.frames import (Abort, Commit, Images, Process,
-                                      ProtocolError, RestoreResult, RoundEnd,
-                                      StartMigration, SwitchOver,
-                                      make_page_batch)
+from migrator.protocol.frames import (Abort, Commit, Images, PageBatch,
+                                      PageEncoder, Process, ProtocolError,
+                                      RestoreResult, RoundEnd, StartMigration,
+                                      SwitchOver)
 from migrator.ranges import PAGE_SIZE, RangeList
 from migrator.tracking import features
 from migrator.tracking.base import Tracker
@@ -52,6 +58,10 @@ from migrator.tracking.select import choose, make_tracker, process_facts
 log = logging.getLogger("migrator.source")
 
 IMAGE_CHUNK = 1 << 20
+# Batches read and encoded ahead of the one being sent (the reader thread
+# and the socket then work at the same time).  Memory: (AHEAD + 2) read
+# buffers of batch_pages pages, plus up to AHEAD compressed payloads.
+AHEAD = 4
 
 
 class MigrationError(Exception):
@@ -69,7 +79,7 @@ class SendOptions:
     auth: Auth
     limits: Limits = field(default_factory=Limits)
     bandwidth: float | None = None     # bytes/s cap, None = unlimited
-    level: int | None = 3              # zstd level, None = no compression
+    level: int | None = 1              # zstd level, None = no compression
     tracker: str | None = None         # forced tracker
     workdir: str | None = None         # local tmpfs for the final dump
     batch_pages: int = 512             # pages per PageBatch (2 MiB)
@@ -116,6 +126,9 @@ class Source:
         self.dumped = False        # CRIU left the tree stopped
         self.committed = False
         self.t0 = time.monotonic()
+        # One zstd context for the whole migration, used by one thread at
+        # a time (the page reader of a round, then the delta).
+        self.encoder = PageEncoder(opts.level)
 
     # -- the whole migration ------------------------------------------
     def run(self) -> dict:
@@ -230,17 +243,78 @@ class Source:
                            None if predicted is None else round(predicted, 1)})
 
     def _send_pages(self, pid: int, ranges: RangeList) -> None:
-        buf = bytearray(self.opts.batch_pages * PAGE_SIZE)
-        for runs in _batches(ranges, self.opts.batch_pages):
-            rl = RangeList(runs)
-            data, gone = read_ranges(pid, rl, buf)
-            batch = make_page_batch(
-                pid, [(s, (e - s) // PAGE_SIZE) for s, e in runs],
-                bytes(data), self.opts.level)
-            self.channel.send(batch)
-            # Sent after the collect that reported them: clean from now on,
-            # unless they vanished while being read.
-            self.clean[pid] = self.clean[pid] | (rl - gone)
+        with contextlib.closing(self._read_ahead(pid, ranges)) as batches:
+            for rl, gone, batch in batches:
+                self.channel.send(batch)
+                # Sent after the collect that reported them: clean from
+                # now on, unless they vanished while being read.
+                self.clean[pid] = self.clean[pid] | (rl - gone)
+
+    def _read_ahead(self, pid: int, ranges: RangeList):
+        """(runs, vanished, PageBatch) for the batches of `ranges`, read
+        and encoded by a worker thread up to AHEAD batches ahead.
+        process_vm_readv, crc32 and zstd release the GIL, so reading the
+        next batches overlaps sending this one.  A batch's data is a view
+        of a reused buffer, valid until the consumer asks for the next
+        batch.  Closing the generator (any error, Ctrl-C) stops and joins
+        the worker; an error of the worker is raised here."""
+        size = self.opts.batch_pages * PAGE_SIZE
+        free: queue.Queue = queue.Queue()
+        for _ in range(AHEAD + 2):
+            free.put(bytearray(size))
+        ready: queue.Queue = queue.Queue(maxsize=AHEAD)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def work() -> None:
+            try:
+                for runs in _batches(ranges, self.opts.batch_pages):
+                    buf = None
+                    while buf is None:
+                        if stop.is_set():
+                            return
+                        try:
+                            buf = free.get(timeout=0.1)
+                        except queue.Empty:
+                            pass
+                    rl = RangeList(runs)
+                    data, gone = read_ranges(pid, rl, buf)
+                    crc = zlib.crc32(data)
+                    codec, payload = self.encoder.encode(data)
+                    batch = PageBatch(pid, [(s, (e - s) // PAGE_SIZE) for s, e in runs],
+                                      codec, payload, crc)
+                    if not put((rl, gone, batch, buf)):
+                        return
+                put(done)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                put(e)
+
+        worker = threading.Thread(target=work, name=f"migrator-read-{pid}",
+                                  daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                rl, gone, batch, buf = item
+                yield rl, gone, batch
+                del batch
+                free.put(buf)
+        finally:
+            stop.set()
+            worker.join()
 
     # -- switch-over --------------------------------------------------
     def _switch_over(self, rounds: int, reason: str, pending: dict) -> dict:
@@ -277,7 +351,8 @@ class Source:
                                  f"{ev.message}")
         self._commit()
         t_done = time.monotonic()
-        return {"downtime_ms": (t_done - t_freeze) * 1000,
+        return {**_restore_timings(ev.message),
+                "downtime_ms": (t_done - t_freeze) * 1000,
                 "dump_ms": (t_dumped - t_freeze) * 1000,
                 "last_collect_ms": (t_collected - t_dumped) * 1000,
                 "delta_send_ms": (t_sent - t_collected) * 1000,
@@ -291,24 +366,58 @@ class Source:
                       if n.startswith("pagemap-"))
 
     def _send_delta(self) -> int:
-        """Pages of the dump that the destination does not hold clean."""
+        """Pages of the dump that the destination does not hold clean.
+        The pagemap is compared with the clean set first; only the pages
+        needed are read from CRIU's pages file."""
         total = 0
+        max_pages = self.opts.batch_pages
+        buf = bytearray(max_pages * PAGE_SIZE)
         for pid in self._dumped_pids():
             if pid not in self.clean:
                 continue  # not announced: its pages travel as image files
             clean = self.clean[pid]
-            for vaddr, n, data in images.iter_pages(self.dump_dir, pid,
-                                                    chunk_bytes=self.opts.batch_pages * PAGE_SIZE):
-                run = RangeList([(vaddr, vaddr + n * PAGE_SIZE)])
-                need = run - clean
-                if not need:
-                    continue
-                runs = [(s, (e - s) // PAGE_SIZE) for s, e in need]
-                parts = [data[(s - vaddr):(s - vaddr) + k * PAGE_SIZE]
-                         for s, k in runs]
-                self.channel.send(make_page_batch(pid, runs, b"".join(parts),
-                                                  self.opts.level))
-                total += need.npages()
+            path = os.path.join(self.dump_dir,
+                                images.read_pagemap(self.dump_dir, pid).pages_name)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pending: list[tuple[int, int, int]] = []   # (addr, npages, offset)
+                count = 0
+
+                def flush() -> None:
+                    nonlocal pending, count
+                    if not pending:
+                        return
+                    view = memoryview(buf)
+                    pos = 0
+                    for addr, n, off in pending:
+                        want = n * PAGE_SIZE
+                        got = os.preadv(fd, [view[pos:pos + want]], off)
+                        if got != want:
+                            raise images.ImageError(f"{path}: short read at {off}")
+                        pos += want
+                    data = view[:pos]
+                    codec, payload = self.encoder.encode(data)
+                    self.channel.send(PageBatch(pid, [(a, n) for a, n, _ in pending],
+                                                codec, payload, zlib.crc32(data)))
+                    pending, count = [], 0
+
+                for vaddr, n, off in images.iter_pages(
+                        self.dump_dir, pid, with_data=False, chunk_bytes=1 << 62):
+                    need = RangeList([(vaddr, vaddr + n * PAGE_SIZE)]) - clean
+                    for s, e in need:
+                        if pending and s < pending[-1][0] + pending[-1][1] * PAGE_SIZE:
+                            flush()  # runs of a batch must ascend
+                        while s < e:
+                            take = min((e - s) // PAGE_SIZE, max_pages - count)
+                            pending.append((s, take, off + (s - vaddr)))
+                            count += take
+                            total += take
+                            s += take * PAGE_SIZE
+                            if count == max_pages:
+                                flush()
+                flush()
+            finally:
+                os.close(fd)
         return total
 
     def _send_images(self) -> None:
@@ -372,6 +481,18 @@ class Source:
             self.channel.close()
         if self.dump_dir:
             shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+
+def _restore_timings(message: str) -> dict:
+    """rebuild_ms / criu_restore_ms from the JSON object a destination puts
+    at the end of RestoreResult's message (none from an older one)."""
+    m = re.search(r"(\{[^{}]*\})\s*$", message)
+    try:
+        d = json.loads(m.group(1)) if m else {}
+    except ValueError:
+        return {}
+    return {k: float(d[k]) for k in ("rebuild_ms", "criu_restore_ms")
+            if isinstance(d.get(k), (int, float))}
 
 
 def _describe(e: BaseException) -> str:

@@ -13,11 +13,42 @@ is at slot * BLOCK + i * page_size.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from migrator.ranges import PAGE_SIZE, RangeList
 
 BLOCK = 2 << 20
+
+_copy_file_range = getattr(os, "copy_file_range", None)
+
+
+def _copy_range(in_fd: int, in_off: int, out_fd: int, out_off: int,
+                length: int) -> None:
+    """length bytes from in_fd at in_off to out_fd at out_off, in the kernel."""
+    global _copy_file_range
+    while length > 0:
+        n = 0
+        if _copy_file_range is not None:
+            try:
+                n = _copy_file_range(in_fd, out_fd, length, in_off, out_off)
+            except OSError as e:
+                # EXDEV: another filesystem (kernels >= 5.19 refuse most);
+                # ENOSYS/EOPNOTSUPP/EINVAL: not supported here.
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                                   errno.EINVAL):
+                    raise
+                _copy_file_range = None
+                continue
+        else:
+            os.lseek(out_fd, out_off, os.SEEK_SET)
+            n = os.sendfile(out_fd, in_fd, in_off, length)
+        if n == 0:
+            raise OSError(errno.EIO, f"page store ends {length} bytes early "
+                                     f"at offset {in_off}")
+        in_off += n
+        out_off += n
+        length -= n
 
 
 class PageStore:
@@ -99,6 +130,42 @@ class PageStore:
                     a = addr + off + i * ps
                     missing.append((a, a + ps))
         return bytes(out), RangeList(missing)
+
+    def check_held(self, addr: int, npages: int) -> RangeList:
+        """The runs of [addr, addr + npages pages) that are not held
+        (empty: all held).  One bytes.count per block, no per-page loop."""
+        ps = self.page_size
+        missing = []
+        for block, first, n, off in self._pieces(addr, npages * ps):
+            held = self._held.get(block)
+            if held is None:
+                missing.append((addr + off, addr + off + n * ps))
+                continue
+            if held.count(0, first, first + n) == 0:
+                continue
+            for i in range(first, first + n):   # rare: name the holes
+                if not held[i]:
+                    a = block + i * ps
+                    missing.append((a, a + ps))
+        return RangeList(missing)
+
+    def copy_to(self, addr: int, npages: int, out_fd: int, out_off: int) -> None:
+        """Write the pages [addr, addr + npages pages) into out_fd at
+        out_off, file to file in the kernel (copy_file_range, or sendfile
+        across filesystems): no Python copy.  Every page must be held
+        (check_held first)."""
+        ps = self.page_size
+        # Blocks that got consecutive slots are consecutive in the file:
+        # one copy for all of them.
+        spans: list[list[int]] = []          # [file offset, length, out offset]
+        for block, first, n, off in self._pieces(addr, npages * ps):
+            src = self._slots[block] * BLOCK + first * ps
+            if spans and spans[-1][0] + spans[-1][1] == src:
+                spans[-1][1] += n * ps
+            else:
+                spans.append([src, n * ps, out_off + off])
+        for src, length, dst in spans:
+            _copy_range(self.fd, src, out_fd, dst, length)
 
     def held(self) -> RangeList:
         ps = self.page_size

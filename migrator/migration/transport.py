@@ -17,6 +17,7 @@ from migrator.protocol.connection import NEED_DATA, Connection, State
 from migrator.protocol.frames import ConnectionLost, Event, ProtocolError
 
 RECV_SIZE = 1 << 20
+_IOV_MAX = 1024
 
 
 class TransportError(Exception):
@@ -134,11 +135,37 @@ class Channel:
             raise TransportError(f"connection to the peer failed: {e}") from e
         self.sent_bytes += len(data)
 
+    def _write_parts(self, parts: list) -> None:
+        """Write buffers in order: one gathering sendmsg per turn on a
+        plain socket (no joined copy of a batch), sendall each over TLS."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        total = sum(len(v) for v in views)
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                for v in views:
+                    self.sock.sendall(v)
+            else:
+                while views:
+                    n = self.sock.sendmsg(views[:_IOV_MAX])
+                    while n:
+                        if n >= len(views[0]):
+                            n -= len(views.pop(0))
+                        else:
+                            views[0] = views[0][n:]
+                            n = 0
+        except socket.timeout as e:
+            raise TransportError("the peer stopped reading "
+                                 f"({self.sock.gettimeout():.0f} s)") from e
+        except (OSError, ssl.SSLError) as e:
+            raise TransportError(f"connection to the peer failed: {e}") from e
+        self.sent_bytes += total
+
     def send(self, event: Event) -> int:
-        data = self.conn.send(event)
-        self.pacer.take(len(data))
-        self._write(data)
-        return len(data)
+        parts = self.conn.send_parts(event)
+        size = sum(len(p) for p in parts)
+        self.pacer.take(size)
+        self._write_parts(parts)
+        return size
 
     def next_event(self):
         """The next event from the peer; ProtocolError for garbage,
@@ -148,14 +175,18 @@ class Channel:
             self._write(self.conn.data_to_send())
             if ev is not NEED_DATA:
                 return ev
+            buf = self.conn.receive_buffer()
+            if not buf:
+                continue  # the stream is bad: next_event() raises why
             try:
-                data = self.sock.recv(RECV_SIZE)
+                # Straight into the frame's own buffer: no copies.
+                n = self.sock.recv_into(buf)
             except socket.timeout as e:
                 raise TransportError("the peer stopped answering "
                                      f"({self.sock.gettimeout():.0f} s)") from e
             except (OSError, ssl.SSLError) as e:
                 raise TransportError(f"connection to the peer failed: {e}") from e
-            self.conn.receive_data(data)
+            self.conn.received(n)
 
     def tell_error(self, phase: str, message: str) -> None:
         """Best effort: let the peer know why we stop."""

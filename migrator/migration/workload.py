@@ -7,8 +7,9 @@ The destination gets the Workload's manifest (a small JSON image file,
 MANIFEST) and asks the matching Restorer to restore from the images,
 leaving the tasks stopped until the hand-over commits.
 
-Kinds: "process" (CRIU directly) here; container runtimes register their
-own (migrator/runtime).
+Kinds: "process" (CRIU directly) here; container runtimes ("runc",
+"crun") register their own restorers and resumers (migrator/runtime),
+loaded on first use.
 """
 
 from __future__ import annotations
@@ -108,10 +109,34 @@ def _restore_process(images_dir: str, manifest: dict) -> int:
 
 RESTORERS: dict[str, Restorer] = {"process": _restore_process}
 
+# kind -> resume(manifest, root pid): start what a Restorer left stopped
+# (the Commit).  Kinds without one: SIGCONT to the tree under the root.
+Resumer = Callable[[dict, int], None]
+RESUMERS: dict[str, Resumer] = {}
+
+
+def _load_kinds(kind: str) -> None:
+    # Container kinds live in a layer above this one and register
+    # themselves when imported; import them only when asked for one.
+    if kind not in RESTORERS:
+        import migrator.runtime  # noqa: F401
+
 
 def restore(images_dir: str) -> int:
     m = read_manifest(images_dir)
+    _load_kinds(m["kind"])
     fn = RESTORERS.get(m["kind"])
     if fn is None:
         raise ValueError(f"this node cannot restore a {m['kind']!r} workload")
     return fn(images_dir, m)
+
+
+def resume_restored(images_dir: str, root_pid: int) -> None:
+    """Resume what restore(images_dir) returned, the way its kind needs."""
+    m = read_manifest(images_dir)
+    _load_kinds(m["kind"])
+    fn = RESUMERS.get(m["kind"])
+    if fn is None:
+        runner.resume(root_pid)
+    else:
+        fn(m, root_pid)

@@ -90,5 +90,13 @@ def tag(key: bytes, body: bytes) -> bytes:
     return hmac.digest(key, body, "sha256")[:TAG_SIZE]
 
 
+def tag_parts(key: bytes, parts) -> bytes:
+    """tag() of the concatenation of `parts`, without concatenating them."""
+    h = hmac.new(key, digestmod="sha256")
+    for p in parts:
+        h.update(p)
+    return h.digest()[:TAG_SIZE]
+
+
 def check_tag(key: bytes, body: bytes, got: bytes) -> bool:
     return hmac.compare_digest(tag(key, body), got)

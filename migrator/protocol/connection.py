@@ -77,7 +77,7 @@ from migrator.protocol.frames import (
     LocalProtocolError, MalformedFrame, PageBatch, ProtocolError, ReplayedFrame,
     RestoreResult, RoundEnd, StartMigration, SwitchOver, TamperedFrame,
     UnexpectedFrame, _Invalid, check_event, decode_body, decode_pages,
-    encode_body, frame, peek,
+    LENGTH, encode_body, encode_body_parts, frame, peek,
 )
 
 DEFAULT_FEATURES = ("zstd",)
@@ -199,7 +199,18 @@ class Connection:
         """Bytes from the peer; b"" means the peer closed its side."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise LocalProtocolError(f"receive_data takes bytes, got {type(data).__name__}")
-        self._reader.feed(bytes(data))
+        self._reader.feed(data)
+
+    def receive_buffer(self) -> memoryview:
+        """Where the peer's next bytes go, for a driver that reads without
+        copying (sock.recv_into(conn.receive_buffer()), then received(n)).
+        Empty once the stream is known to be bad: call next_event()."""
+        return self._reader.get_buffer()
+
+    def received(self, n: int) -> None:
+        """n bytes were written into receive_buffer(); 0 means the peer
+        closed its side."""
+        self._reader.buffer_updated(n)
 
     def next_event(self):
         """The next event from the peer, NEED_DATA, or ConnectionClosed."""
@@ -251,6 +262,39 @@ class Connection:
             self._fail(e)
             raise
         return self.data_to_send()
+
+    def send_parts(self, event: Event) -> list:
+        """Like send(), as a list of buffers to write in order (a gathering
+        write).  A PageBatch's data is one of them, as given: nothing
+        copies the pages.  The bytes are exactly send()'s."""
+        if type(event) is not PageBatch:
+            return [self.send(event)]
+        if self._error is not None or self.state is State.ERROR:
+            raise LocalProtocolError(f"cannot send {type(event).__name__}: the "
+                                     f"connection is in ERROR ({self._error or 'Error sent or received'})")
+        try:
+            if self.state is State.IDLE:
+                raise LocalProtocolError("call start() before sending events")
+            if type(event) not in _LEGAL.get(self.state, {}).get(self.role, ()):
+                raise LocalProtocolError(f"{self.role} may not send "
+                                         f"{type(event).__name__} in state "
+                                         f"{self.state.name}")
+            parts = encode_body_parts(event, self._out_seq, self.limits, self.page_size)
+            try:
+                self._apply(event, self.role)
+            except _Invalid as e:
+                raise LocalProtocolError(str(e)) from None
+        except LocalProtocolError as e:
+            self._fail(e)
+            raise
+        self._out_seq += 1
+        tag = auth.tag_parts(self._out_key, parts) if self._out_key else b""
+        head, data, tail = parts
+        size = len(head) + len(data) + len(tail) + len(tag)
+        out = self._outbox[:]
+        self._outbox.clear()
+        out += [LENGTH.pack(size) + head, data, tail + tag]
+        return out
 
     def data_to_send(self) -> bytes:
         """Bytes the connection produced on its own (handshake, error notice)."""

@@ -213,6 +213,11 @@ def _check_kind(kind, v, what, lim: Limits):
         _str(v, what, lim.max_name)
     elif kind == "text":
         _str(v, what, lim.max_string)
+    elif kind == "bin" and type(v) in (bytearray, memoryview):
+        # Page data may be a view of a reused buffer (sent without a copy)
+        # or of the received frame (decoded without a copy).
+        if type(v) is memoryview and (v.itemsize != 1 or not v.c_contiguous):
+            raise _Invalid(f"{what} must be a contiguous byte buffer")
     elif kind in ("bin", "bin32"):
         if type(v) is not bytes:
             raise _Invalid(f"{what} must be bytes, got {type(v).__name__}")
@@ -553,6 +558,40 @@ def encode_body(event: Event, seq: int, limits: Limits = DEFAULT_LIMITS,
     return body
 
 
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of n bytes, as msgpack.packb writes it."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_body_parts(event: Event, seq: int, limits: Limits = DEFAULT_LIMITS,
+                      page_size: int | None = None) -> list:
+    """The body of encode_body as pieces whose concatenation is exactly
+    encode_body's bytes.  A PageBatch comes as [head, data, tail] with its
+    data as given (no copy of the pages: a gathering write sends them);
+    any other event as [body]."""
+    if type(event) is not PageBatch:
+        return [encode_body(event, seq, limits, page_size)]
+    check_event(event, limits, page_size)
+    if type(seq) is not int or not 0 <= seq < 1 << 64:
+        raise LocalProtocolError(f"sequence number out of range: {_show(seq)}")
+    data = event.data
+    # Everything up to the data, then the data's bin header: the array's
+    # elements are packed one after the other, so this is packb's output.
+    head = msgpack.packb([event.TYPE, seq, event.pid, _to_wire("runs", event.runs),
+                          event.codec], use_bin_type=True)
+    head = bytes([0x90 + 2 + len(event._SPEC)]) + head[1:] + _bin_header(len(data))
+    tail = msgpack.packb(event.checksum)
+    n = len(head) + len(data) + len(tail)
+    if n + TAG_SIZE > limits.max_frame:
+        raise LocalProtocolError(f"PageBatch frame of {n} bytes exceeds the limit "
+                                 f"of {limits.max_frame}; send smaller pieces")
+    return [head, data, tail]
+
+
 def frame(body: bytes, tag: bytes = b"") -> bytes:
     """Length prefix + body + optional tag: one frame on the wire."""
     return LENGTH.pack(len(body) + len(tag)) + body + tag
@@ -605,14 +644,76 @@ def _reject_ext(code, data):
     raise _Invalid(f"msgpack extension type {code} is not used by this protocol")
 
 
+_BIN_SIZES = {0xc4: 1, 0xc5: 2, 0xc6: 4}
+_STR_SIZES = {0xd9: 1, 0xda: 2, 0xdb: 4}
+
+
+def _fast_page_batch(body, limits: Limits, page_size):
+    """(seq, PageBatch) whose data is a view into `body` (no copy of the
+    pages), or None when the body is not laid out the usual way; the
+    generic decoder then judges it (and words any error).  Accepts exactly
+    what msgpack.unpackb would, for this one shape."""
+    try:
+        if body[0] != 0x97:
+            return None
+        _, off = _read_uint(body, 1, "type")
+        seq, off = _read_uint(body, off, "seq")
+        pid, off = _read_uint(body, off, "pid")
+        n_size = _BIN_SIZES.get(body[off])
+        if n_size is None:
+            return None
+        n = int.from_bytes(body[off + 1:off + 1 + n_size], "big")
+        off += 1 + n_size
+        runs = bytes(body[off:off + n])
+        off += n
+        b = body[off]
+        if 0xa0 <= b <= 0xbf:
+            n, off = b - 0xa0, off + 1
+        elif b in _STR_SIZES:
+            k = _STR_SIZES[b]
+            n = int.from_bytes(body[off + 1:off + 1 + k], "big")
+            off += 1 + k
+        else:
+            return None
+        if n > max(limits.max_string, limits.max_name):
+            return None
+        codec = str(body[off:off + n], "utf-8")
+        off += n
+        n_size = _BIN_SIZES.get(body[off])
+        if n_size is None:
+            return None
+        n = int.from_bytes(body[off + 1:off + 1 + n_size], "big")
+        off += 1 + n_size
+        data = memoryview(body)[off:off + n]
+        off += n
+        checksum, off = _read_uint(body, off, "checksum")
+    except (IndexError, MalformedFrame, UnicodeDecodeError):
+        return None
+    if off != len(body) or len(runs) % _RUN.size or len(data) != n:
+        return None
+    try:
+        _uint(seq, "sequence number")
+        event = PageBatch(pid, tuple(_RUN.iter_unpack(runs)), codec,
+                          data.toreadonly(), checksum)
+        _validate(event, limits, page_size)
+    except _Invalid as e:
+        raise MalformedFrame(str(e)) from None
+    return seq, event
+
+
 def decode_body(body: bytes, limits: Limits = DEFAULT_LIMITS,
                 page_size: int | None = None) -> tuple[int, Event]:
-    """(seq, event) from one frame body; ProtocolError if anything is off."""
+    """(seq, event) from one frame body; ProtocolError if anything is off.
+    A PageBatch's data may be a read-only memoryview into `body`."""
     cls, _ = peek(body)
     name = cls.__name__
     limit = limits.max_frame if cls.TYPE in _BULK_TYPES else limits.max_control_frame
     if len(body) > limit:
         raise FrameTooLarge(f"{name} frame of {len(body)} bytes; the limit is {limit}")
+    if cls is PageBatch:
+        fast = _fast_page_batch(body, limits, page_size)
+        if fast is not None:
+            return fast
     if cls is Hello and body[0] >= 0x93:
         # Look at the version before the field count: another version may
         # have another Hello, and "version mismatch" is the useful answer.
@@ -657,13 +758,82 @@ class FrameReader:
     Limits are applied as soon as the bytes that carry them arrive: the
     length after 4 bytes, the type-specific size after 6, so an oversized
     frame is refused before its body is buffered.
+
+    Two ways in: feed(bytes), or, without copying, get_buffer() /
+    buffer_updated(n) (a socket's recv_into writes straight into the
+    frame's own buffer; a frame is then handed out without being copied
+    again).  Limit errors are raised by next_frame(), after the frames
+    that arrived before the bad one.
     """
+
+    _HEAD = LENGTH.size + 2      # the length and the body's first 2 bytes
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS):
         self._lim = limits
-        self._buf = bytearray()
-        self._pos = 0          # consumed prefix of _buf, dropped lazily
+        self._head = bytearray(self._HEAD)
+        self._hlen = 0           # bytes of _head filled
+        self._n = 0              # announced frame length, once known
+        self._frame: bytearray | None = None   # body + tag being filled
+        self._flen = 0
+        self._ready: list[bytearray] = []
+        self._err: ProtocolError | None = None
         self.eof = False
+
+    # -- filling ---------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes of the stream go; empty once the stream
+        is known to be bad (next_frame raises why)."""
+        if self._err is not None:
+            return memoryview(b"")
+        if self._frame is None:
+            return memoryview(self._head)[self._hlen:]
+        return memoryview(self._frame)[self._flen:]
+
+    def buffer_updated(self, n: int) -> None:
+        """n bytes were written at the start of get_buffer(); 0 = end of stream."""
+        if n == 0:
+            self.eof = True
+            return
+        if self.eof:
+            raise LocalProtocolError("data received after end of stream")
+        if self._frame is not None:
+            self._flen += n
+            if self._flen == len(self._frame):
+                self._ready.append(self._frame)
+                self._frame = None
+                self._hlen = 0
+            return
+        before = self._hlen
+        self._hlen += n
+        try:
+            if before < LENGTH.size <= self._hlen:
+                self._check_length()
+            if self._hlen == self._HEAD:
+                self._check_type()
+                self._frame = bytearray(self._n)
+                self._frame[:2] = self._head[LENGTH.size:]
+                self._flen = 2
+        except ProtocolError as e:
+            self._err = e
+
+    def _check_length(self) -> None:
+        (n,) = LENGTH.unpack_from(self._head)
+        if n > self._lim.max_frame:
+            raise FrameTooLarge(f"frame of {n} bytes announced; the limit is "
+                                f"{self._lim.max_frame}")
+        if n < 3:
+            raise MalformedFrame(f"frame of {n} bytes announced; a frame has "
+                                 f"at least 3")
+        self._n = n
+
+    def _check_type(self) -> None:
+        t = self._head[LENGTH.size + 1]
+        n = self._n
+        if (t in EVENT_TYPES and t not in _BULK_TYPES
+                and n > self._lim.max_control_frame + TAG_SIZE):
+            raise FrameTooLarge(f"{EVENT_TYPES[t].__name__} frame of {n} bytes "
+                                f"announced; the limit is "
+                                f"{self._lim.max_control_frame}")
 
     def feed(self, data: bytes) -> None:
         if self.eof and data:
@@ -671,51 +841,44 @@ class FrameReader:
         if not data:
             self.eof = True
             return
-        if self._pos > len(self._buf) // 2:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+        view = memoryview(data).cast("B")
+        while view:
+            buf = self.get_buffer()
+            if not buf:
+                return  # a bad stream: the rest is not looked at
+            k = min(len(buf), len(view))
+            buf[:k] = view[:k]
+            view = view[k:]
+            self.buffer_updated(k)
 
+    # -- reading ---------------------------------------------------------
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return (self._hlen if self._frame is None else LENGTH.size + self._flen) + \
+            sum(len(f) + LENGTH.size for f in self._ready)
 
     @property
     def at_eof(self) -> bool:
         return self.eof and not self.buffered
 
-    def next_frame(self) -> bytes | None:
+    def next_frame(self) -> bytearray | None:
         """The next complete frame, or None until more bytes arrive."""
-        have = self.buffered
-        p = self._pos
-        if have < LENGTH.size:
-            if self.eof and have:
-                raise ConnectionLost(f"stream ended inside a length prefix "
-                                     f"({have} of 4 bytes)")
+        if self._ready:
+            return self._ready.pop(0)
+        if self._err is not None:
+            raise self._err
+        if not self.eof:
             return None
-        (n,) = LENGTH.unpack_from(self._buf, p)
-        if n > self._lim.max_frame:
-            raise FrameTooLarge(f"frame of {n} bytes announced; the limit is "
-                                f"{self._lim.max_frame}")
-        if n < 3:
-            raise MalformedFrame(f"frame of {n} bytes announced; a frame has "
-                                 f"at least 3")
-        if have >= 6:
-            t = self._buf[p + 5]
-            if (t in EVENT_TYPES and t not in _BULK_TYPES
-                    and n > self._lim.max_control_frame + TAG_SIZE):
-                raise FrameTooLarge(f"{EVENT_TYPES[t].__name__} frame of {n} bytes "
-                                    f"announced; the limit is "
-                                    f"{self._lim.max_control_frame}")
-        if have < LENGTH.size + n:
-            if self.eof:
-                raise ConnectionLost(f"stream ended inside a frame: {have - 4} of "
-                                     f"{n} bytes arrived")
-            return None
-        start = p + LENGTH.size
-        out = bytes(self._buf[start:start + n])
-        self._pos = start + n
-        return out
+        if self._frame is not None:
+            raise ConnectionLost(f"stream ended inside a frame: {self._flen} of "
+                                 f"{self._n} bytes arrived")
+        if self._hlen >= LENGTH.size:
+            raise ConnectionLost(f"stream ended inside a frame: "
+                                 f"{self._hlen - LENGTH.size} of {self._n} bytes arrived")
+        if self._hlen:
+            raise ConnectionLost(f"stream ended inside a length prefix "
+                                 f"({self._hlen} of 4 bytes)")
+        return None
 
 
 # -- page payloads ---------------------------------------------------------------
@@ -737,6 +900,50 @@ def encode_pages(data: bytes, level: int | None = 3) -> tuple[str, bytes]:
     if len(out) >= len(data):
         return "raw", bytes(data)
     return "zstd", out
+
+
+class PageEncoder:
+    """encode_pages for a stream of batches: one zstd context for all of
+    them (use it from one thread at a time), and no time spent compressing
+    what does not compress.  While batches compress below RATIO of their
+    size each is compressed whole; one that does not travels raw and the
+    next SKIP batches go raw without a try; then a PROBE-byte sample of a
+    batch decides whether to try the whole again.  Random or already
+    compressed memory thus costs one small sample per SKIP batches."""
+
+    PROBE = 64 << 10
+    SKIP = 16
+    RATIO = 0.95
+
+    def __init__(self, level: int | None = 3):
+        if level is not None and (type(level) is not int
+                                  or not -(1 << 17) <= level <= 22):
+            raise LocalProtocolError(f"zstd level must be an int in -131072..22 "
+                                     f"or None, got {_show(level)}")
+        self.level = level
+        self._z = (None if level is None else
+                   zstandard.ZstdCompressor(level=level, write_content_size=True))
+        self._skip = 0
+        self._probe = True
+
+    def encode(self, data) -> tuple[str, object]:
+        """(codec, payload); a raw payload is `data` itself (no copy)."""
+        if self._z is None or not len(data):
+            return "raw", data
+        if self._skip:
+            self._skip -= 1
+            return "raw", data
+        if self._probe and len(data) >= 4 * self.PROBE:
+            sample = memoryview(data)[:self.PROBE]
+            if len(self._z.compress(sample)) >= self.RATIO * len(sample):
+                self._skip = self.SKIP
+                return "raw", data
+        out = self._z.compress(data)
+        if len(out) >= self.RATIO * len(data):
+            self._skip, self._probe = self.SKIP, True
+            return "raw", data
+        self._probe = False
+        return "zstd", out
 
 
 def make_page_batch(pid: int, runs, data: bytes, level: int | None = 3) -> PageBatch:

@@ -347,3 +347,56 @@ def test_zstd_garbage():
 def test_protocol_errors_are_not_local_errors():
     assert not issubclass(LocalProtocolError, ProtocolError)
     assert not issubclass(ProtocolError, LocalProtocolError)
+
+
+# -- zero-copy paths ------------------------------------------------------------
+
+@pytest.mark.parametrize("npages", [1, 15, 16, 17, 512])
+def test_page_batch_parts_are_the_plain_bytes(npages):
+    data = bytearray(os.urandom(npages * PS))
+    for level in (None, 3):
+        b = make_page_batch(3, [(0x1000, npages)], bytes(data), level)
+        view = PageBatch(b.pid, b.runs, b.codec,
+                         memoryview(data) if b.codec == "raw" else b.data, b.checksum)
+        for seq in (0, 200, 1 << 40):
+            parts = frames.encode_body_parts(view, seq, page_size=PS)
+            assert len(parts) == 3
+            assert b"".join(parts) == frames.encode_body(b, seq, page_size=PS)
+
+
+def test_fast_page_batch_decode_matches_generic():
+    b = make_page_batch(9, [(0, 2), (8 * PS, 1)], os.urandom(3 * PS), None)
+    body = bytearray(frames.encode_body(b, 7, page_size=PS))
+    seq, got = decode_body(body, page_size=PS)
+    assert (seq, got) == (7, b) and isinstance(got.data, memoryview)
+    assert decode_pages(got, PS) == b.data
+    # non-canonical but valid msgpack (seq as uint64) takes the generic path
+    body2 = bytearray(body)
+    body2[2:3] = b"\xcf" + (7).to_bytes(8, "big")
+    assert decode_body(bytes(body2), page_size=PS) == (7, b)
+
+
+def test_reader_recv_into_path():
+    data = b"".join(encode_frame(e, i, page_size=PS) for i, e in enumerate(EXAMPLES))
+    r = FrameReader()
+    out, pos = [], 0
+    while pos < len(data):
+        buf = r.get_buffer()
+        k = min(len(buf), 1000, len(data) - pos)
+        buf[:k] = data[pos:pos + k]
+        pos += k
+        r.buffer_updated(k)
+        while (f := r.next_frame()) is not None:
+            out.append(decode_body(f, page_size=PS)[1])
+    assert out == EXAMPLES
+
+
+def test_page_encoder_skips_random_data():
+    enc = frames.PageEncoder(3)
+    rnd = os.urandom(512 * PS)
+    assert enc.encode(rnd) == ("raw", rnd)
+    zeros = bytes(512 * PS)
+    for _ in range(enc.SKIP):
+        assert enc.encode(zeros)[0] == "raw"
+    codec, payload = enc.encode(zeros)
+    assert codec == "zstd" and len(payload) < 1000
