@@ -107,6 +107,13 @@ def status_field(pid: int, name: str) -> str | None:
     return None
 
 
+def innermost_pid(pid: int) -> int:
+    """The pid the process has in its own pid namespace (last of "NSpid:"):
+    the name CRIU gives it in a container's images."""
+    value = status_field(pid, "NSpid")
+    return int(value.split()[-1]) if value else pid
+
+
 def seccomp_mode(pid: int) -> int:
     """0 none, 1 strict, 2 filter (status "Seccomp:")."""
     value = status_field(pid, "Seccomp")

@@ -38,9 +38,11 @@ class RoundStats:
     sent_bytes: int        # wire bytes of this round
     seconds: float         # wall time of this round
     elapsed_s: float       # since the migration started
-    bandwidth: float       # bytes/s the link achieved this round
+    bandwidth: float       # bytes/s of page content the link moves
 
     def predicted_downtime_ms(self) -> float:
+        if self.dirty_bytes == 0:
+            return 0.0
         if self.bandwidth <= 0:
             return float("inf")
         return self.dirty_bytes / self.bandwidth * 1000.0

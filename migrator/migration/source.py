@@ -40,6 +40,7 @@ from typing import Callable
 
 from migrator import faults
 from migrator.criu import images
+from migrator.kernel import procfs
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
@@ -120,6 +121,11 @@ class Source:
         self.emit = emit
         self.trackers: dict[int, Tracker] = {}
         self.pagemaps: dict[int, Pagemap] = {}
+        # Keyed by checkpoint pid: the name CRIU gives a process in its
+        # images, its pid in its own pid namespace (a container's init is
+        # 1).  Trackers and reads use our pid; the wire and the clean sets
+        # use CRIU's, so the dump's pagemaps match what was sent.
+        self.ckpt: dict[int, int] = {}
         self.clean: dict[int, RangeList] = {}
         self.channel: Channel | None = None
         self.dump_dir: str | None = None
@@ -170,13 +176,19 @@ class Source:
                             self.opts.tracker) for p in tree]
         self.emit({"event": "start", "pid": tree[0], "processes": [
             d.as_dict() for d in decisions]})
+        for d in decisions:
+            self.ckpt[d.pid] = procfs.innermost_pid(d.pid)
+        if len(set(self.ckpt.values())) != len(self.ckpt):
+            raise MigrationError("track", "the processes do not share one pid "
+                                 f"namespace: {self.ckpt}")
         self.channel.send(StartMigration(
-            uuid.uuid4().hex, [Process(d.pid, d.tracker) for d in decisions],
+            uuid.uuid4().hex,
+            [Process(self.ckpt[d.pid], d.tracker) for d in decisions],
             PAGE_SIZE))
         for d in decisions:
             t = make_tracker(d, caps)
             self.trackers[d.pid] = t
-            self.clean[d.pid] = RangeList()
+            self.clean[self.ckpt[d.pid]] = RangeList()
             self.pagemaps[d.pid] = Pagemap(d.pid)
         self._first = {pid: t.start() for pid, t in self.trackers.items()}
 
@@ -190,7 +202,8 @@ class Source:
             first = self._first.pop(pid, None)
             c = first if first is not None else t.collect(stopped=stopped)
             # Invariant 2: only memory tracked continuously stays clean.
-            self.clean[pid] = (self.clean[pid] & c.tracked) - c.dirty
+            k = self.ckpt[pid]
+            self.clean[k] = (self.clean[k] & c.tracked) - c.dirty
             out[pid] = c
         return out
 
@@ -206,7 +219,10 @@ class Source:
         rnd = 0
         last_end = time.monotonic()
         last_seconds = 0.0
-        bandwidth = 0.0
+        # How fast page content crossed (uncompressed bytes per second), at
+        # best so far: a switch-over sends pages, and one big round measures
+        # the link better than a small one dominated by fixed costs.
+        page_rate = 0.0
         while True:
             collects = self._collect()
             to_send = {pid: self._populated(pid, c.dirty & c.tracked)
@@ -216,7 +232,7 @@ class Source:
                 stats = RoundStats(round=rnd, dirty_bytes=pages * PAGE_SIZE,
                                    sent_bytes=0, seconds=last_seconds,
                                    elapsed_s=time.monotonic() - self.t0,
-                                   bandwidth=bandwidth)
+                                   bandwidth=page_rate)
                 verdict = conv.after_round(stats)
                 if verdict.switch:
                     return rnd, verdict.reason, to_send
@@ -230,15 +246,18 @@ class Source:
             sent = self.channel.sent_bytes - sent0
             last_seconds = t1 - t0
             bandwidth = sent / last_seconds if last_seconds > 0 else 0.0
+            if last_seconds > 0:
+                page_rate = max(page_rate, pages * PAGE_SIZE / last_seconds)
             dirty_rate = pages * PAGE_SIZE / max(t1 - last_end, 1e-6)
             last_end = t1
             # What the next collect should find: what the workload dirties
             # in one round's time, capped by what there is.
             expect = min(pages * PAGE_SIZE, dirty_rate * last_seconds)
-            predicted = expect / bandwidth * 1000 if bandwidth else None
+            predicted = expect / page_rate * 1000 if page_rate else None
             self.emit({"event": "round", "round": rnd, "dirty_pages": pages,
                        "sent_bytes": sent, "dirty_rate": round(dirty_rate),
                        "bandwidth": round(bandwidth),
+                       "page_rate": round(page_rate),
                        "predicted_downtime_ms":
                            None if predicted is None else round(predicted, 1)})
 
@@ -248,7 +267,8 @@ class Source:
                 self.channel.send(batch)
                 # Sent after the collect that reported them: clean from
                 # now on, unless they vanished while being read.
-                self.clean[pid] = self.clean[pid] | (rl - gone)
+                k = self.ckpt[pid]
+                self.clean[k] = self.clean[k] | (rl - gone)
 
     def _read_ahead(self, pid: int, ranges: RangeList):
         """(runs, vanished, PageBatch) for the batches of `ranges`, read
@@ -290,7 +310,8 @@ class Source:
                     data, gone = read_ranges(pid, rl, buf)
                     crc = zlib.crc32(data)
                     codec, payload = self.encoder.encode(data)
-                    batch = PageBatch(pid, [(s, (e - s) // PAGE_SIZE) for s, e in runs],
+                    batch = PageBatch(self.ckpt[pid],
+                                      [(s, (e - s) // PAGE_SIZE) for s, e in runs],
                                       codec, payload, crc)
                     if not put((rl, gone, batch, buf)):
                         return
@@ -442,12 +463,12 @@ class Source:
                     chunk = nxt
 
     def _commit(self) -> None:
-        pids = self._dumped_pids()
         # THE COMMIT POINT.  From here on the migration cannot be undone:
         # the destination holds the only copy (stopped until Commit).
-        log.warning("commit point: destroying the source copy %s", pids)
+        log.warning("commit point: destroying the source copy (%s %s)",
+                    self.workload.kind, sorted(self.trackers))
         self.committed = True
-        self.workload.destroy(pids)
+        self.workload.destroy()
         try:
             faults.check("commit-send")
             self.channel.send(Commit())

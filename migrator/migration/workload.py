@@ -40,13 +40,9 @@ class Workload:
         """Undo a checkpoint's stop (the hand-over failed)."""
         raise NotImplementedError
 
-    def destroy(self, pids: list[int]) -> None:
+    def destroy(self) -> None:
         """End the source copy (the commit point)."""
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        raise NotImplementedError
 
     def manifest(self) -> dict:
         return {"kind": self.kind}
@@ -74,6 +70,18 @@ class ProcessTree(Workload):
             runner.resume(self.root)
         except OSError:
             pass  # the tree is gone: nothing to resume
+
+    def destroy(self) -> None:
+        # Stopped by the checkpoint, the tree cannot fork meanwhile.
+        try:
+            tree = procfs.process_tree(self.root)
+        except OSError:
+            return
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def manifest(self) -> dict:
         return {"kind": self.kind, "root": self.root,

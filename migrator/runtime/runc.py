@@ -166,9 +166,7 @@ class ContainerWorkload(wl.Workload):
                 pass  # the container is gone
             self.frozen = False
 
-    def destroy(self, pids: list[int]) -> None:
-        # `pids` are CRIU's names (pids in the container's namespace):
-        # the runtime knows its container better.
+    def destroy(self) -> None:
         oci.run(self.kind, ["kill", self.id, "KILL"], check=False)
         try:
             self.cgroup.thaw()  # a v1-frozen task does not die until thawed

@@ -37,3 +37,8 @@ def test_limits():
 def test_zero_bandwidth_never_fits():
     c = Convergence(Limits(downtime_ms=1000))
     assert not c.after_round(stats(1, 1, bw_mib=0)).switch
+
+
+def test_nothing_dirty_always_fits():
+    c = Convergence(Limits(downtime_ms=1))
+    assert c.after_round(stats(1, 0, bw_mib=0)).switch
