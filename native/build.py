@@ -37,6 +37,8 @@ int mig_uffd_open(struct mig_inject *s, int pidfd, unsigned *features);
 int mig_uffd_open_local(unsigned *features);
 int mig_uffd_register_wp(int uffd, uint64_t start, uint64_t end);
 int mig_uffd_unregister(int uffd, uint64_t start, uint64_t end);
+long mig_uffd_drop_markers(int uffd, int pagemap_fd, uint64_t start,
+                           uint64_t end);
 long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
                       struct mig_range *out, size_t max_out,
                       uint64_t *walk_end);
@@ -48,9 +50,9 @@ long mig_scan_unregistered_ranges(int pagemap_fd, const struct mig_range *in,
                                   size_t n_in, struct mig_range *out,
                                   size_t max_out, size_t *next_in,
                                   uint64_t *walk_end);
-long mig_scan_populated(int pagemap_fd, uint64_t start, uint64_t end,
-                        struct mig_range *out, size_t max_out,
-                        uint64_t *walk_end);
+long mig_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
+                      struct mig_range *out, size_t max_out,
+                      uint64_t *walk_end);
 long mig_scan_unregistered(int pagemap_fd, uint64_t start, uint64_t end,
                            struct mig_range *out, size_t max_out,
                            uint64_t *walk_end);

@@ -101,6 +101,13 @@ int mig_uffd_open_local(unsigned *features);
 /* UFFDIO_REGISTER with MODE_WP, then write-protect the whole range. */
 int mig_uffd_register_wp(int uffd, uint64_t start, uint64_t end);
 
+/*
+ * Clear the PTE markers that protection left on never-touched pages of
+ * [start, end) (pagemap shows them as swapped out, and CRIU would dump
+ * them as zero pages).  Returns the pages unprotected; see uffd.c.
+ */
+long mig_uffd_drop_markers(int uffd, int pagemap_fd, uint64_t start, uint64_t end);
+
 /* UFFDIO_UNREGISTER; ranges that are no longer mapped are not an error. */
 int mig_uffd_unregister(int uffd, uint64_t start, uint64_t end);
 
@@ -119,11 +126,13 @@ long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 		      struct mig_range *out, size_t max_out, uint64_t *walk_end);
 
 /*
- * Runs of [start, end) whose pages are present or swapped: what exists
- * to be copied (never-touched memory reads as zero and needs no copy).
+ * Runs of [start, end) whose pages are present in memory: what pre-copy
+ * sends.  Never-touched memory reads as zero and needs no copy; swapped
+ * pages are left to the final step rather than swapped in by reading them
+ * (and a uffd-wp marker on an untouched page also reads as "swapped").
  */
-long mig_scan_populated(int pagemap_fd, uint64_t start, uint64_t end,
-			struct mig_range *out, size_t max_out, uint64_t *walk_end);
+long mig_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
+		      struct mig_range *out, size_t max_out, uint64_t *walk_end);
 
 /*
  * Runs of [start, end) that are mapped but not registered for async

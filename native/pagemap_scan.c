@@ -71,14 +71,6 @@ long mig_pagemap_runs(int pagemap_fd, uint64_t start, uint64_t end,
 			 flags, mask, inverted, 0);
 }
 
-static long pagemap_runs_anyof(int pagemap_fd, uint64_t start, uint64_t end,
-			       struct mig_range *out, size_t max_out,
-			       uint64_t *walk_end, uint64_t anyof)
-{
-	return scan_runs(pagemap_fd, start, end, out, max_out, walk_end,
-			 0, 0, 0, anyof);
-}
-
 long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 		      struct mig_range *out, size_t max_out, uint64_t *walk_end)
 {
@@ -88,12 +80,11 @@ long mig_scan_written(int pagemap_fd, uint64_t start, uint64_t end,
 				PAGE_IS_WRITTEN, 0);
 }
 
-long mig_scan_populated(int pagemap_fd, uint64_t start, uint64_t end,
-			struct mig_range *out, size_t max_out, uint64_t *walk_end)
+long mig_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
+		      struct mig_range *out, size_t max_out, uint64_t *walk_end)
 {
-	const uint64_t either = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-	return pagemap_runs_anyof(pagemap_fd, start, end, out, max_out,
-				  walk_end, either);
+	return mig_pagemap_runs(pagemap_fd, start, end, out, max_out, walk_end,
+				0, PAGE_IS_PRESENT, 0);
 }
 
 long mig_scan_unregistered(int pagemap_fd, uint64_t start, uint64_t end,

@@ -155,3 +155,48 @@ int mig_uffd_unregister(int uffd, uint64_t start, uint64_t end)
 	}
 	return 0;
 }
+
+/*
+ * Write-protecting a never-touched page of a WP_UNPOPULATED registration
+ * leaves a PTE marker, which /proc/PID/pagemap shows as a swapped-out
+ * page: CRIU would dump every such page as zeroes, and restore them as
+ * real zero-filled pages, costing the restored process memory its original
+ * never used.  Before the final checkpoint the markers are taken out of
+ * [start, end): pages that are "swapped" (a marker is), not present, and
+ * not written are unprotected, which clears a marker to an empty PTE.  A
+ * write to such a page afterwards is still reported (an unprotected page
+ * reads as written), and a genuinely swapped-out page unprotected here is
+ * reported written too: copied again, never lost.  Returns the number of
+ * pages unprotected.
+ */
+long mig_uffd_drop_markers(int uffd, int pagemap_fd, uint64_t start, uint64_t end)
+{
+	struct mig_range runs[256];
+	uint64_t at = start;
+	long pages = 0;
+
+	while (at < end) {
+		uint64_t next = at;
+		long n = mig_pagemap_runs(pagemap_fd, at, end, runs, 256, &next, 0,
+					  PAGE_IS_SWAPPED | PAGE_IS_PRESENT |
+					  PAGE_IS_WRITTEN,
+					  PAGE_IS_PRESENT | PAGE_IS_WRITTEN);
+		if (n < 0)
+			return n;
+		for (long i = 0; i < n; i++) {
+			struct uffdio_writeprotect wp = {
+				.range = { .start = runs[i].start,
+					   .len = runs[i].end - runs[i].start },
+				.mode = 0,	/* unprotect */
+			};
+			if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+				return -errno;
+			pages += (long)((runs[i].end - runs[i].start) /
+					(uint64_t)sysconf(_SC_PAGESIZE));
+		}
+		if (next <= at)
+			break;
+		at = next;
+	}
+	return pages;
+}

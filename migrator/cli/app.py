@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Annotated, Optional
@@ -244,6 +245,27 @@ def resolve(
         print(run(dir, migration, commit))
 
 
+@app.command()
+def demo(
+    mib: Annotated[int, typer.Option("--mib", min=1, help="Memory of the demo service.")] = 64,
+    churn: Annotated[int, typer.Option(
+        "--churn", min=1, help="Pages the service rewrites per second.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="The summary as one JSON object.")] = False,
+):
+    """Live-migrate a sample container between two local nodes and show how it went."""
+    from migrator.demo import DemoError, run
+    with exits.errors_to_exit(_emitter(as_json)):
+        try:
+            summary = run(out=(lambda s: None) if as_json else print, mib=mib,
+                          churn=churn)
+        except DemoError as e:
+            raise exits.DemoFailed(str(e)) from e
+    if as_json:
+        print(json.dumps(summary))
+    if not (summary["running_on_b"] and summary["client"].get("connection_survived")):
+        raise SystemExit(exits.FAILURE)
+
+
 # `hook` and `list`: the OCI hook entry and the container registry.
 hook_commands.register(app)
 
@@ -252,7 +274,8 @@ def main() -> None:
     # Diagnostics (the commit point, rollbacks) go to stderr; stdout stays
     # for results and --json events.
     import logging
-    logging.basicConfig(format="migrator: %(message)s", level=logging.INFO,
+    logging.basicConfig(format="migrator: %(message)s",
+                        level=os.environ.get("MIGRATOR_LOG", "INFO").upper(),
                         stream=sys.stderr)
     app()
 

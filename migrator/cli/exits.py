@@ -20,12 +20,16 @@ MIGRATION = 6        # the migration failed; the source runs as before
 UNDECIDED = 7        # hand-over outcome unknown: see the message (resolve)
 INTERRUPTED = 130    # Ctrl-C or SIGTERM; everything was cleaned up
 
+class DemoFailed(Exception):
+    """`migrator demo` could not run its migration."""
+
+
 def _migration_errors():
     from migrator.criu.runner import CriuError
     from migrator.migration.source import MigrationError
     from migrator.migration.transport import TransportError
     from migrator.protocol.frames import ProtocolError
-    return [(MigrationError, MIGRATION), (CriuError, MIGRATION),
+    return [(DemoFailed, MIGRATION), (MigrationError, MIGRATION), (CriuError, MIGRATION),
             (TransportError, MIGRATION), (ProtocolError, MIGRATION)]
 
 

@@ -101,7 +101,8 @@ def run(out: Callable[[str], None] = print, mib: int = 64,
         out(f"migrating {NAME} from a to b ...")
         send_log = a.dir / "demo-send.log"
         extra = ["--bandwidth", str(bandwidth)] if bandwidth else []
-        sender = a.spawn(["python3", "-m", "migrator", "send", NAME, "--to",
+        sender = a.spawn(["env", f"MIGRATOR_LOG={os.environ.get('MIGRATOR_LOG', 'INFO')}",
+                          "python3", "-m", "migrator", "send", NAME, "--to",
                           f"{b.addr}:{RECV_PORT}", "--insecure", "--json",
                           *extra], log=str(send_log))
         events = _follow(sender, send_log, out)
@@ -144,7 +145,9 @@ def _follow(svc, log, out) -> list[dict]:
             try:
                 ev = json.loads(line)
             except ValueError:
-                continue  # a log line on stderr
+                if line.strip():
+                    out(f"  | {line}")  # the sender's diagnostics (stderr)
+                continue
             events.append(ev)
             if ev.get("event") == "round":
                 out(f"  round {ev['round']}: {ev['dirty_pages']} pages, "

@@ -93,9 +93,9 @@ class Pagemap:
         registered for async write-protection."""
         return self._runs(lib.mig_scan_written, "PAGEMAP_SCAN", start, end)
 
-    def scan_populated(self, start: int, end: int) -> array:
-        """Runs of pages present in memory or swapped out."""
-        return self._runs(lib.mig_scan_populated, "PAGEMAP_SCAN", start, end)
+    def scan_present(self, start: int, end: int) -> array:
+        """Runs of pages present in memory."""
+        return self._runs(lib.mig_scan_present, "PAGEMAP_SCAN", start, end)
 
     def scan_unregistered(self, start: int, end: int) -> array:
         """Mapped runs that carry no async write-protect registration."""

@@ -47,6 +47,13 @@ class Userfaultfd:
         check(lib.mig_uffd_unregister(self.fd, start, end),
               f"UFFDIO_UNREGISTER [{start:#x}, {end:#x}) of pid {self.pid}")
 
+    def drop_markers(self, pagemap_fd: int, start: int, end: int) -> int:
+        """Unprotect never-touched pages of [start, end) so their markers
+        vanish from pagemap (see native/uffd.c); returns the page count."""
+        return check(lib.mig_uffd_drop_markers(self.fd, pagemap_fd, start, end),
+                     f"dropping uffd-wp markers [{start:#x}, {end:#x}) "
+                     f"of pid {self.pid}")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

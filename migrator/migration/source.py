@@ -207,11 +207,12 @@ class Source:
             out[pid] = c
         return out
 
-    def _populated(self, pid: int, ranges: RangeList) -> RangeList:
-        """The part of `ranges` that holds pages (present or swapped):
-        never-touched memory is zero and is not sent."""
+    def _present(self, pid: int, ranges: RangeList) -> RangeList:
+        """The part of `ranges` whose pages are in memory: never-touched
+        memory is zero and is not sent; swapped-out pages cross in the
+        final step rather than being swapped in by reading them."""
         pm = self.pagemaps[pid]
-        return concat([pm.scan_populated(s, e) for s, e in ranges]) & ranges
+        return concat([pm.scan_present(s, e) for s, e in ranges]) & ranges
 
     # -- pre-copy -----------------------------------------------------
     def _precopy(self) -> tuple[int, str, dict]:
@@ -225,8 +226,12 @@ class Source:
         page_rate = 0.0
         while True:
             collects = self._collect()
-            to_send = {pid: self._populated(pid, c.dirty & c.tracked)
+            to_send = {pid: self._present(pid, c.dirty & c.tracked)
                        for pid, c in collects.items()}
+            for pid, c in collects.items():
+                log.debug("pid %d: %d dirty, %d tracked, %d to send", pid,
+                          c.dirty.npages(), c.tracked.npages(),
+                          to_send[pid].npages())
             pages = sum(r.npages() for r in to_send.values())
             if rnd >= 1:
                 stats = RoundStats(round=rnd, dirty_bytes=pages * PAGE_SIZE,
@@ -344,6 +349,8 @@ class Source:
         self.emit({"event": "switchover", "round": final, "reason": reason})
         t_freeze = time.monotonic()
         self.dump_dir = _workdir(self.opts)
+        for t in self.trackers.values():
+            t.before_checkpoint()
         log.info("freezing %s: checkpoint into %s", self.workload.kind,
                  self.dump_dir)
         try:
@@ -352,7 +359,10 @@ class Source:
             # CRIU may have stopped the tree even when it failed.
             self.dumped = True
         t_dumped = time.monotonic()
-        self._collect(stopped=True)
+        for pid, c in self._collect(stopped=True).items():
+            log.info("pid %d: last collect, frozen: %d pages dirty, %d tracked, "
+                     "%d untracked", pid, c.dirty.npages(), c.tracked.npages(),
+                     c.untracked.npages())
         for t in self.trackers.values():
             t.stop()
         t_collected = time.monotonic()
@@ -397,6 +407,7 @@ class Source:
             if pid not in self.clean:
                 continue  # not announced: its pages travel as image files
             clean = self.clean[pid]
+            before = total
             path = os.path.join(self.dump_dir,
                                 images.read_pagemap(self.dump_dir, pid).pages_name)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -439,6 +450,11 @@ class Source:
                 flush()
             finally:
                 os.close(fd)
+            dumped = sum(n for _, n in images.dumped_runs(
+                images.read_pagemap(self.dump_dir, pid)))
+            log.info("pid %d: %d of %d dumped pages cross in the final step "
+                     "(%d pages known clean)", pid, total - before, dumped,
+                     clean.npages())
         return total
 
     def _send_images(self) -> None:

@@ -48,6 +48,10 @@ class Tracker(abc.ABC):
         the caller guarantees no task of the target can run (e.g. CRIU left
         them stopped), so the tracker need not stop them itself."""
 
+    def before_checkpoint(self) -> None:
+        """Called right before the final checkpoint (CRIU reads the page
+        tables then).  Tracking must go on."""
+
     @abc.abstractmethod
     def stop(self) -> None:
         """Remove every trace of tracking from the target.  Idempotent,

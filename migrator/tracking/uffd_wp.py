@@ -137,6 +137,15 @@ class UffdWpTracker(Tracker):
                        untracked=untracked | (tracked - self._registered),
                        notes=notes)
 
+    def before_checkpoint(self) -> None:
+        # Markers on never-touched pages look like swapped pages to CRIU,
+        # which would dump (and restore) them as real zero pages.
+        if self._uffd is None:
+            return
+        dropped = sum(self._uffd.drop_markers(self._pagemap.fd, s, e)
+                      for s, e in self._registered)
+        self.markers_dropped = dropped
+
     def stop(self) -> None:
         uffd, self._uffd = self._uffd, None
         pm, self._pagemap = self._pagemap, None

@@ -171,9 +171,13 @@ class Scenario:
                 for i, p in self.written if i in self.regions}
 
     def absorb(self, dirty: RangeList) -> None:
-        """Copy the reported pages of our regions into the shadow."""
+        """Copy the reported pages of our regions into the shadow, as a
+        migration does: only pages that exist (a hole reads as zero, and
+        reading it would map the zero page, itself a change)."""
         mine = self.region_ranges()
         wanted = dirty & mine
+        wanted = wanted & RangeList((a, a + PAGE_SIZE)
+                                    for a in present_pages(self.v.pid, wanted))
         for a in list(self.shadow):
             if not mine.contains(a):
                 del self.shadow[a]
@@ -337,3 +341,31 @@ def test_probe_soft_dirty_matches_kernel_config():
     with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
         f.write("4")  # accepted on every kernel: the trap being tested
     assert features.probe().soft_dirty is has, features.probe().why
+
+
+def test_uffd_wp_markers_dropped_before_checkpoint():
+    """Never-touched pages must not look swapped out to CRIU when it
+    checkpoints, and tracking must still see writes afterwards."""
+    caps = features.probe()
+    if not caps.uffd_wp_async:
+        pytest.skip(f"kernel capability uffd_wp_async missing: "
+                    f"{caps.why['uffd_wp_async']}")
+    with Victim() as v:
+        sc = Scenario(v)
+        rid = sc.mmap(16)
+        sc.write(rid, [0, 1], 3)
+        addr = sc.regions[rid]["addr"]
+        t = tracker_for("uffd-wp", v.pid)
+        try:
+            t.start()
+            t.before_checkpoint()
+            with open(f"/proc/{v.pid}/pagemap", "rb") as f:
+                f.seek(addr // PAGE_SIZE * 8)
+                entries = struct.unpack("<16Q", f.read(16 * 8))
+            swapped = [i for i, e in enumerate(entries) if e & (1 << 62)]
+            assert swapped == [], f"pages {swapped} still look swapped out"
+            sc.write(rid, [5, 1], 4)  # a hole and a page that existed
+            reported = set(t.collect().dirty.pages())
+            assert {addr + 5 * PAGE_SIZE, addr + PAGE_SIZE} <= reported
+        finally:
+            t.stop()
