@@ -215,6 +215,8 @@ def recv(
     listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on.")],
     dir: Annotated[str, typer.Option("--dir", help="Where page stores and images go.")],
     once: Annotated[bool, typer.Option("--once", help="Serve one migration, then exit.")] = False,
+    parallel: Annotated[int, typer.Option(
+        "--parallel", min=1, help="Migrations received at the same time.")] = 4,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.1, help="Seconds of peer silence that end a migration.")] = 60,
     psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
@@ -227,7 +229,8 @@ def recv(
     with exits.errors_to_exit(_emitter(as_json)):
         failures = serve(listen, dir, _auth(psk_file, tls_cert, tls_key, tls_ca,
                                             insecure),
-                         _Progress(as_json), once=once, timeout=timeout)
+                         _Progress(as_json), once=once, timeout=timeout,
+                         parallel=parallel)
         if once and failures:
             raise SystemExit(exits.MIGRATION)
 

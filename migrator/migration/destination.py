@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -259,39 +260,86 @@ def kill_tree(root: int) -> None:
             pass
 
 
+def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
+               live: set) -> bool:
+    """One migration on an accepted socket; True if it succeeded."""
+    try:
+        if auth.tls:
+            sock = auth.context(server=True).wrap_socket(sock, server_side=True)
+        live.add(sock)
+        channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
+                          timeout=timeout)
+        channel.handshake()
+        emit(Session(base, channel, emit).run())
+        return True
+    except (ProtocolError, TransportError, OSError, runner.CriuError,
+            RuntimeError, ValueError, images.ImageError) as e:
+        emit({"event": "error", "peer": f"{peer[0]}:{peer[1]}",
+              "message": str(e)})
+        return False
+    finally:
+        live.discard(sock)
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
 def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
-          once: bool = False, timeout: float = 60.0) -> int:
-    """Accept migrations one after another; returns the number that
-    failed (when `once`, after the first)."""
+          once: bool = False, timeout: float = 60.0, parallel: int = 4) -> int:
+    """Accept migrations until stopped, up to `parallel` at once (each in
+    its own directory), or exactly one with `once`.  Returns the number
+    that failed.  On Ctrl-C / SIGTERM every migration in progress is cut
+    off and cleans up like any failed one."""
     from migrator.migration.transport import parse_hostport
     host, port = parse_hostport(listen)
     os.makedirs(base, exist_ok=True)
     _clean_stale(base, emit)
+    lock = threading.Lock()
+
+    def say(ev: dict) -> None:  # events of concurrent migrations, whole lines
+        with lock:
+            emit(ev)
+
     failures = 0
+    live: set = set()
+    slots = threading.Semaphore(max(1, parallel))
+    workers: list[threading.Thread] = []
     with socket.create_server((host, port), reuse_port=False) as srv:
-        emit({"event": "listening", "address": listen})
-        while True:
+        say({"event": "listening", "address": listen})
+        if once:
             sock, peer = srv.accept()
+            return 0 if _serve_one(sock, peer, base, auth, say, timeout, live) else 1
+
+        def work(sock, peer):
+            nonlocal failures
             try:
-                if auth.tls:
-                    sock = auth.context(server=True).wrap_socket(sock, server_side=True)
-                channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
-                                  timeout=timeout)
-                channel.handshake()
-                result = Session(base, channel, emit).run()
-                emit(result)
-            except (ProtocolError, TransportError, OSError, runner.CriuError,
-                    RuntimeError, images.ImageError) as e:
-                failures += 1
-                emit({"event": "error", "peer": f"{peer[0]}:{peer[1]}",
-                      "message": str(e)})
+                if not _serve_one(sock, peer, base, auth, say, timeout, live):
+                    with lock:
+                        failures += 1
             finally:
+                slots.release()
+
+        try:
+            while True:
+                slots.acquire()
+                sock, peer = srv.accept()
+                t = threading.Thread(target=work, args=(sock, peer),
+                                     name=f"migrator-recv-{peer[0]}:{peer[1]}")
+                t.start()
+                workers = [w for w in workers if w.is_alive()] + [t]
+        finally:
+            # Cut the migrations in progress: each then fails and cleans up
+            # in its own thread (a restored copy awaiting Commit stays, as
+            # an undecided hand-over).
+            for sock in list(live):
                 try:
-                    sock.close()
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-            if once:
-                return failures
+            for w in workers:
+                w.join(timeout=60)
+    return failures
 
 
 def _clean_stale(base: str, emit) -> None:

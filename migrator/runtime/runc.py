@@ -304,6 +304,26 @@ def resume_restored(manifest: dict, pid: int) -> None:
             os.kill(p, signal.SIGCONT)
         except ProcessLookupError:
             pass
+    _register_moved(manifest, pid)
+
+
+def _register_moved(manifest: dict, pid: int) -> None:
+    """A restore runs no poststart hook: register the container here as the
+    hook would have, so it can be found (and moved on) from this node."""
+    from migrator.hooks import registry
+    from migrator.hooks.stages import ENABLE
+    try:
+        with open(os.path.join(manifest["bundle"], "config.json")) as f:
+            ann = json.load(f).get("annotations") or {}
+        if ann.get(ENABLE) != "true":
+            return
+        registry.register({"id": manifest["id"], "pid": pid,
+                           "bundle": manifest["bundle"], "annotations": ann},
+                          manifest["runtime"])
+    except (OSError, ValueError, registry.RegistryError) as e:
+        # The container runs; only its registration is missing.
+        log.warning("could not register %s after the move: %s",
+                    manifest.get("id"), e)
 
 
 def register() -> None:
