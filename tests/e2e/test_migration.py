@@ -154,6 +154,7 @@ def test_pre_copy_rounds_shrink_the_final_delta(pair):
     w = Workload(a, "rounds", mib=32, interval=0.02)
     try:
         events = migrate(a, b, w, "--bandwidth", "16", "--downtime-ms", "20",
+                         "--compress", "off",
                          "--max-rounds", "6")
         rounds = [e for e in events if e["event"] == "round"]
         done = events[-1]
