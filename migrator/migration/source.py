@@ -23,6 +23,7 @@ memory crosses in the frozen step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -196,11 +197,29 @@ class Source:
         names = sorted({t.name for t in self.trackers.values()})
         return names[0] if len(names) == 1 else ",".join(names)
 
+    def _exited(self, pid: int) -> None:
+        """A tracked process ended during pre-copy: it will not be in the
+        checkpoint, so stop following it (the rest migrates as usual)."""
+        log.info("pid %d exited during pre-copy; no longer tracked", pid)
+        t = self.trackers.pop(pid)
+        try:
+            t.stop()
+        except OSError:
+            pass
+        self.pagemaps.pop(pid).close()
+        self.clean[self.ckpt[pid]] = RangeList()
+
     def _collect(self, stopped: bool = False) -> dict[int, object]:
         out = {}
-        for pid, t in self.trackers.items():
+        for pid, t in list(self.trackers.items()):
             first = self._first.pop(pid, None)
-            c = first if first is not None else t.collect(stopped=stopped)
+            try:
+                c = first if first is not None else t.collect(stopped=stopped)
+            except OSError as e:
+                if stopped or e.errno not in (errno.ESRCH, errno.ENOENT):
+                    raise
+                self._exited(pid)
+                continue
             # Invariant 2: only memory tracked continuously stays clean.
             k = self.ckpt[pid]
             self.clean[k] = (self.clean[k] & c.tracked) - c.dirty
@@ -226,12 +245,18 @@ class Source:
         page_rate = 0.0
         while True:
             collects = self._collect()
-            to_send = {pid: self._present(pid, c.dirty & c.tracked)
-                       for pid, c in collects.items()}
+            to_send = {}
             for pid, c in collects.items():
+                try:
+                    to_send[pid] = self._present(pid, c.dirty & c.tracked)
+                except OSError as e:
+                    if e.errno not in (errno.ESRCH, errno.ENOENT):
+                        raise
+                    self._exited(pid)
+            for pid, ranges in to_send.items():
+                c = collects[pid]
                 log.debug("pid %d: %d dirty, %d tracked, %d to send", pid,
-                          c.dirty.npages(), c.tracked.npages(),
-                          to_send[pid].npages())
+                          c.dirty.npages(), c.tracked.npages(), ranges.npages())
             pages = sum(r.npages() for r in to_send.values())
             if rnd >= 1:
                 stats = RoundStats(round=rnd, dirty_bytes=pages * PAGE_SIZE,
@@ -244,9 +269,10 @@ class Source:
             rnd += 1
             t0 = time.monotonic()
             sent0 = self.channel.sent_bytes
-            for pid, ranges in to_send.items():
-                self._send_pages(pid, ranges)
-            self.channel.send(RoundEnd(rnd, pages, self.channel.sent_bytes - sent0))
+            sent_pages = sum(self._send_pages(pid, ranges)
+                             for pid, ranges in to_send.items())
+            self.channel.send(RoundEnd(rnd, sent_pages,
+                                       self.channel.sent_bytes - sent0))
             t1 = time.monotonic()
             sent = self.channel.sent_bytes - sent0
             last_seconds = t1 - t0
@@ -266,14 +292,24 @@ class Source:
                        "predicted_downtime_ms":
                            None if predicted is None else round(predicted, 1)})
 
-    def _send_pages(self, pid: int, ranges: RangeList) -> None:
-        with contextlib.closing(self._read_ahead(pid, ranges)) as batches:
-            for rl, gone, batch in batches:
-                self.channel.send(batch)
-                # Sent after the collect that reported them: clean from
-                # now on, unless they vanished while being read.
-                k = self.ckpt[pid]
-                self.clean[k] = self.clean[k] | (rl - gone)
+    def _send_pages(self, pid: int, ranges: RangeList) -> int:
+        """Send `ranges` of `pid`; returns the pages sent (fewer if the
+        process exited meanwhile)."""
+        sent = 0
+        try:
+            with contextlib.closing(self._read_ahead(pid, ranges)) as batches:
+                for rl, gone, batch in batches:
+                    self.channel.send(batch)
+                    sent += batch.npages()
+                    # Sent after the collect that reported them: clean from
+                    # now on, unless they vanished while being read.
+                    k = self.ckpt[pid]
+                    self.clean[k] = self.clean[k] | (rl - gone)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
+            self._exited(pid)
+        return sent
 
     def _read_ahead(self, pid: int, ranges: RangeList):
         """(runs, vanished, PageBatch) for the batches of `ranges`, read

@@ -203,6 +203,34 @@ def test_process_tree_moves_whole(pair):
             node.run(["kill", "-9", str(root), *map(str, kids)], check=False)
 
 
+def test_process_exiting_during_precopy(pair):
+    """A shell that runs a short-lived child every tick: children tracked
+    at the start exit during pre-copy, new ones appear; the tree still
+    moves and keeps going."""
+    a, b = pair
+    progress = "/shared/shortlived.progress"
+    root = int(a.run(
+        "setsid sh -c 'i=0; while true; do i=$((i+1)); sleep 0.2; "
+        f"echo \"$i $$ $$ ok\" >> {progress}; done' "
+        "</dev/null >/dev/null 2>&1 & echo $!").stdout)
+    w = Workload.__new__(Workload)
+    w.node, w.progress, w.pid = a, progress, root
+    try:
+        wait_for(lambda: len(w.lines()) >= 3, 30, "shell progress")
+        svc, log = receiver(b, a.peers["b"], "--insecure")
+        r, events = send(a, root, a.peers["b"], "--insecure",
+                         "--bandwidth", "1", "--compress", "off",
+                         "--max-rounds", "3")
+        svc.wait(timeout=30)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "exited during pre-copy" in r.stderr
+        w.keeps_running(b)
+        w.assert_healthy()
+    finally:
+        for node in (a, b):
+            node.run(["kill", "-9", str(root)], check=False)
+
+
 # ------------------------------------------------------------ failures
 #
 # Whatever fails before the commit point, the source must keep running as

@@ -10,7 +10,6 @@ drain runs against the real CLI.
 import importlib.util
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
