@@ -793,7 +793,7 @@ def _run_arm64(command, timeout, echo, log) -> GuestResult:
         args = args[1:]
     kdir = ensure_kernel("arm64", log=log)
     initrd = _arm64_initrd(args, log=log)
-    argv = [qemu, "-M", "virt", "-cpu", "max", "-accel", "tcg", "-m", "1G", "-smp", "2",
+    argv = [qemu, *ARCHES["arm64"]["machine"], "-accel", "tcg", "-m", "1G", "-smp", "2",
             "-nographic", "-nic", "none", "-no-reboot",
             "-kernel", str(kdir / "vmlinuz"), "-initrd", str(initrd),
             "-append", "console=ttyAMA0 panic=-1 quiet loglevel=3"]
