@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.beds import nodes
+from tests.e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,16 +60,6 @@ def _crun_can_checkpoint(*nodes_):
     for n in nodes_:
         n.run(["dpkg", "-i", f"/shared/{name}"])
     return ""
-
-
-def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Container:

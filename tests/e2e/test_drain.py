@@ -14,11 +14,11 @@ live registration of it.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from tests.beds import nodes
+from tests.e2e.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,16 +53,6 @@ if args:
     spec["process"]["args"] = args
 json.dump(spec, open(path, "w"), indent=1)
 """
-
-
-def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def bundle(cid):

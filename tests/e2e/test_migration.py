@@ -18,6 +18,7 @@ import time
 import pytest
 
 from tests.beds import nodes
+from tests.e2e.waiting import wait_for
 
 WORKLOADS = "/src/tests/workloads"
 PORT = 7000
@@ -35,16 +36,6 @@ def pair():
         # restores under the same pid) and on A again after a round trip.
         a.run("echo 5000 > /proc/sys/kernel/ns_last_pid")
         yield a, b
-
-
-def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Workload:

@@ -18,7 +18,6 @@ MIGRATOR_GUEST_TIMEOUT    seconds for the whole boot (default 780)
 
 import os
 import shlex
-import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -31,21 +30,6 @@ SELECTION = shlex.split(os.environ.get("MIGRATOR_GUEST_X86_TESTS", "tests/linux"
 JUNIT = "junit.xml"
 BENCH_ARGS = os.environ.get("MIGRATOR_GUEST_BENCH",
                             "--size-mib 256 --repeats 3 --spin-s 1")
-
-
-def _cases(junit_xml: bytes):
-    """(id, outcome, message) for every test case in a junit report."""
-    root = ET.fromstring(junit_xml)
-    for case in root.iter("testcase"):
-        cid = f"{case.get('classname', '')}::{case.get('name', '')}"
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome, message = "failed", (child.get("message") or "")[:300]
-                break
-            if child.tag == "skipped":
-                outcome, message = "skipped", child.get("message") or ""
-        yield cid, outcome, message
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +61,7 @@ def test_guest_linux_tier_passes(guest_run):
     if JUNIT not in r.files:
         pytest.fail(f"the guest wrote no junit report (exit {r.returncode}); output tail:\n"
                     + "\n".join(r.output.splitlines()[-40:]))
-    cases = list(_cases(r.files[JUNIT]))
+    cases = list(guest.junit_cases(r.files[JUNIT]))
     failed = [f"{cid}: {msg}" for cid, outcome, msg in cases if outcome == "failed"]
     counts = {o: sum(1 for _, oc, _ in cases if oc == o) for o in ("passed", "failed", "skipped")}
     print(f"guest tests: {counts}")
@@ -93,7 +77,7 @@ def test_guest_linux_tier_passes(guest_run):
 def test_guest_ran_soft_dirty_tests(guest_run):
     if JUNIT not in guest_run.files:
         pytest.fail("the guest wrote no junit report")
-    cases = list(_cases(guest_run.files[JUNIT]))
+    cases = list(guest.junit_cases(guest_run.files[JUNIT]))
     sd = [(cid, o, m) for cid, o, m in cases
           if "soft_dirty" in cid.lower() or "soft-dirty" in cid.lower()]
     passed = [cid for cid, o, _ in sd if o == "passed"]
