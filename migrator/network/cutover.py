@@ -148,7 +148,7 @@ def _family(iface) -> int:
 
 def attach(netns: NetnsRef, address: str, bridge: str, ifname: str = "eth0",
            gateway: Optional[str] = None, host_if: Optional[str] = None,
-           mac: Optional[str] = None) -> Attachment:
+           mac: Optional[str] = None, host_up: bool = True) -> Attachment:
     """Connect the network namespace ``netns`` (a pid or a path) to
     ``bridge`` with ``address`` (ADDR/PREFIX) on ``ifname`` inside it, and a
     default route (via ``gateway``, or out of ``ifname`` when there is none).
@@ -157,7 +157,10 @@ def attach(netns: NetnsRef, address: str, bridge: str, ifname: str = "eth0",
     hook again, or CRIU may have restored part of it); ``actions`` lists
     what this call changed.  The host end is named ``host_if`` (default
     derived from the namespace path; pass ``host_ifname(id)`` so the
-    source can find it by container id).
+    source can find it by container id).  ``host_up=False`` leaves the host
+    end down: nothing reaches the namespace, nor leaves it (not even IPv6
+    duplicate-address probes that would teach the bridge where the MAC is)
+    until the caller brings it up.
     """
     path = netns_path(netns)
     iface = parse_address(address)
@@ -214,7 +217,7 @@ def attach(netns: NetnsRef, address: str, bridge: str, ifname: str = "eth0",
                 if _link_attr(host, hidx, "IFLA_MASTER") != br:
                     host.link("set", index=hidx, master=br)
                     result.actions.append(f"attached {host_if} to {bridge}")
-                host.link("set", index=hidx, state="up")
+                host.link("set", index=hidx, state="up" if host_up else "down")
         with netlink(path) as inner:
             idx = _index(inner, ifname)
             if idx is None:

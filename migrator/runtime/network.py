@@ -15,9 +15,12 @@ source, commit             the veth and the namespace are removed
 destination, before restore  the namespace is created at the same path
                            and attached to the same bridge with the same
                            address and MAC, so CRIU can restore sockets
-                           bound to that address
-destination, after restore   gratuitous ARP (or unsolicited NA) so
-                           neighbours and bridges learn where it is now
+                           bound to that address; its host end stays down,
+                           or a peer's retransmission arriving before the
+                           socket exists would be answered with a reset
+destination, after restore   the link comes up, and gratuitous ARPs (or
+                           unsolicited NAs) tell neighbours and bridges
+                           where the address is now
 """
 
 from __future__ import annotations
@@ -111,13 +114,15 @@ class ContainerNetwork:
             self.created_netns = True
         cutover.attach(self.netns, self.address, self.bridge,
                        ifname=self.ifname, gateway=self.gateway,
-                       host_if=self.host_if, mac=self.mac)
+                       host_if=self.host_if, mac=self.mac, host_up=False)
 
     def undo_prepare(self) -> None:
         cutover.detach(self.host_if)
         if self.created_netns:
             self._remove_netns()
 
-    def announce(self) -> dict:
+    def go_live(self) -> dict:
+        """After the restore: up, and tell the neighbours."""
+        self._set_host_link("up")
         return cutover.announce(self.netns, self.address, ifname=self.ifname,
                                 mac=self.mac)

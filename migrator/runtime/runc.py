@@ -276,7 +276,7 @@ def restore(images_dir: str, manifest: dict) -> int:
             raise OciError(f"restored {cid} but tasks {running} run before the "
                            "commit (CRIU ignored leave-stopped)")
         if net:
-            net.announce()
+            net.go_live()
     except BaseException:
         _remove(rt.name, cid)
         if net:
