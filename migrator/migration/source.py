@@ -1,8 +1,10 @@
-"""The source side of a live migration of a process tree.
+"""The source side of a live migration (a process tree or a container:
+what moves is a Workload, see workload.py).
 
     rounds:      collect -> (converged? switch over) -> read, compress, send
-    switch-over: criu dump --leave-stopped (the tree is frozen from here on)
-                 -> last collect, with the tasks stopped (invariant 4)
+    switch-over: trackers' markers dropped -> the workload's checkpoint,
+                 which leaves every task stopped (CRIU --leave-stopped, or a
+                 frozen cgroup) -> last collect, tasks stopped (invariant 4)
                  -> trackers removed
                  -> delta = dumped pages not known clean at the destination
                  -> delta pages + CRIU's other images -> wait for the restore
@@ -11,8 +13,8 @@
                  destination resumes its copy.
 
 Any failure before the commit point leaves the source running as before:
-trackers are removed, a tree CRIU left stopped is resumed, the dump is
-deleted, and the destination is told to discard what it has.
+trackers are removed, a workload the checkpoint left stopped is resumed,
+the dump is deleted, and the destination is told to discard what it has.
 
 "Clean at the destination" per process: pages whose content was sent and
 that no collect has reported dirty since.  It is only ever computed from
