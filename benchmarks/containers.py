@@ -258,7 +258,7 @@ def runc_move(src, dst) -> dict:
         run(n, f"rm -rf {WORK}; mkdir -p {WORK}/images {WORK}/work")
     # The destination's network namespace is made before the clock starts
     # (migrator makes it inside its downtime, in its restore): this and the
-    # announcement below favour the baseline, never migrator.
+    # link-up and announcement below favour the baseline, never migrator.
     netns_call(dst, "prepare")
     clog = dst.dir / "logs" / f"base-recv-{time.monotonic_ns()}.log"
     rsvc = dst.spawn(helper("base-recv", f"{to}:{PORT}", f"{WORK}/images",
@@ -281,7 +281,7 @@ def runc_move(src, dst) -> dict:
     # the container) and its network go; the address is announced from
     # where the container now runs.
     remove_container(src)
-    netns_call(dst, "announce")
+    netns_call(dst, "go_live")
     return {"downtime_ms": (ev["t_restored"] - ev["t0"]) * 1000,
             "total_ms": (ev["t_restored"] - ev["t0"]) * 1000,
             "sent": ev["bytes"], "rounds": None,
@@ -305,6 +305,7 @@ def bench(a, b, args, results) -> None:
     (shared / "helper.py").write_text(HELPER)
     run(a, ["ip", "netns", "add", NAME])
     netns_call(a, "prepare")
+    netns_call(a, "go_live")
     run(a, f"runc run -d --bundle {BUNDLE} {NAME} </dev/null >/dev/null 2>&1")
     # The service listens once its memory is filled.
     wait_for(lambda: service(a) == "ok", 120 + args.size_mib / 4, "the service to listen")
