@@ -36,6 +36,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.beds import waiting  # noqa: E402 (after the path set-up)
+
 NAME = "ctrbench"
 ADDRESS = "198.18.5.10"
 PREFIX = 24
@@ -169,13 +171,7 @@ def events(text: str) -> list[dict]:
 
 
 def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise BenchError(f"timed out waiting for {what}")
+    return waiting.wait_for(cond, timeout, what, interval=0.05, error=BenchError)
 
 
 def run(node, cmd, timeout=600, check=True):

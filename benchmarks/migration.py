@@ -43,6 +43,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.beds import waiting  # noqa: E402 (after the path set-up)
+
 PORT = 7100
 WORK = "/tmp/migbench"            # inside each node (tmpfs)
 STORE = "/var/tmp/migbench-mig"   # receivers' --dir (overlay disk, as in use)
@@ -199,13 +201,7 @@ def events(text: str) -> list[dict]:
 
 
 def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise BenchError(f"timed out waiting for {what}")
+    return waiting.wait_for(cond, timeout, what, interval=0.05, error=BenchError)
 
 
 def read(path) -> str:

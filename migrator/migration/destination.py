@@ -23,14 +23,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
 from typing import Callable
 
 from migrator.criu import images, runner
-from migrator.kernel import procfs
 from migrator.migration import workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
@@ -215,7 +213,7 @@ class Session:
                 s.remove()
             return
         if self.restored is not None:
-            kill_tree(self.restored)
+            workload.kill_tree(self.restored)
         if self.dir:
             _remove_migration(self.dir)
 
@@ -246,18 +244,6 @@ def _pagemaps(d: str) -> list[str]:
     """The per-process pagemaps (shared memory's are not rebuilt here)."""
     return sorted(n for n in os.listdir(d) if n.startswith("pagemap-")
                   and n.endswith(".img") and n[8:-4].isdigit())
-
-
-def kill_tree(root: int) -> None:
-    try:
-        pids = procfs.process_tree(root)
-    except OSError:
-        return
-    for pid in reversed(pids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
@@ -371,7 +357,7 @@ def resolve(base: str, migration: str, commit: bool) -> str:
         runner.resume(root)
         outcome = f"resumed the restored tree {root}"
     else:
-        kill_tree(root)
+        workload.kill_tree(root)
         outcome = f"destroyed the restored tree {root}; resume the source with SIGCONT"
     _remove_migration(d)
     return outcome

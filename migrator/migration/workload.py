@@ -73,20 +73,26 @@ class ProcessTree(Workload):
 
     def destroy(self) -> None:
         # Stopped by the checkpoint, the tree cannot fork meanwhile.
-        try:
-            tree = procfs.process_tree(self.root)
-        except OSError:
-            return
-        for pid in reversed(tree):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(self.root)
 
     def manifest(self) -> dict:
         return {"kind": self.kind, "root": self.root,
                 "shell_job": self.shell_job,
                 "tcp_established": self.tcp_established}
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and its descendants, children first; a tree that is
+    already gone is not an error."""
+    try:
+        pids = procfs.process_tree(root)
+    except OSError:
+        return
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def write_manifest(images_dir: str, manifest: dict) -> None:

@@ -8,11 +8,11 @@ fresh nodes and leaves nothing behind.
 import json
 import pathlib
 import subprocess
-import time
 
 import pytest
 
 from tests.beds import net, nodes
+from tests.beds.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,14 +25,6 @@ def _progress(node, path):
     return [line.split() for line in out.splitlines() if line.strip()]
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _run_logged(node, cmd, logs, timeout=60):
@@ -60,13 +52,13 @@ def test_criu_process_moves_between_nodes(two_nodes):
     pid = int(a.run(
         f"setsid python3 {WORKLOADS}/counter.py {progress} 8 0.05 "
         "</dev/null >/dev/null 2>&1 & echo $!").stdout)
-    _wait_for(lambda: len(_progress(a, progress)) >= 10, 30, "workload progress on A")
+    wait_for(lambda: len(_progress(a, progress)) >= 10, 30, "workload progress on A")
 
     a.run("mkdir -p /var/tmp/ckpt")
     _run_logged(a, ["criu", "dump", "-t", str(pid), "-D", "/var/tmp/ckpt",
                     "-o", "dump.log", "-v4"], ["/var/tmp/ckpt/dump.log"])
     # criu dump ends the process on A (the node's init reaps it shortly).
-    _wait_for(lambda: a.run(["kill", "-0", str(pid)], check=False).returncode != 0,
+    wait_for(lambda: a.run(["kill", "-0", str(pid)], check=False).returncode != 0,
               5, "the dumped process to be gone on A")
     before = _progress(a, progress)
     last_tick = int(before[-1][0])
@@ -78,7 +70,7 @@ def test_criu_process_moves_between_nodes(two_nodes):
     _run_logged(b, ["criu", "restore", "-D", "/var/tmp/ckpt", "-d",
                     "-o", "restore.log", "-v4"], ["/var/tmp/ckpt/restore.log"])
 
-    after = _wait_for(
+    after = wait_for(
         lambda: (lines := _progress(b, progress)) and int(lines[-1][0]) >= last_tick + 10 and lines,
         30, "restored workload to keep counting on B")
     new = [line for line in after if int(line[0]) > last_tick]
@@ -99,7 +91,7 @@ def test_runc_container_moves_between_nodes(two_nodes):
     # stdio to /dev/null: runc run -d hands its stdio to the container, and
     # a pipe back to the test would keep node.run waiting.
     a.run(f"runc run -d --bundle {bundle} c1 </dev/null >/dev/null 2>&1")
-    _wait_for(lambda: len(_progress(a, progress)) >= 10, 30, "container progress on A")
+    wait_for(lambda: len(_progress(a, progress)) >= 10, 30, "container progress on A")
 
     _run_logged(a, ["runc", "checkpoint", "--image-path", "/var/tmp/rckpt",
                     "--work-path", "/var/tmp/rwork", "c1"],
@@ -115,7 +107,7 @@ def test_runc_container_moves_between_nodes(two_nodes):
                    "--work-path /var/tmp/rwork c1 </dev/null >/var/tmp/runc.out 2>&1",
                 ["/var/tmp/runc.out", "/var/tmp/rwork/restore.log"])
 
-    after = _wait_for(
+    after = wait_for(
         lambda: (lines := _progress(b, progress)) and int(lines[-1][0]) >= last_tick + 10 and lines,
         30, "restored container to keep counting on B")
     new = [line for line in after if int(line[0]) > last_tick]

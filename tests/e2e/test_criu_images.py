@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.beds.waiting import wait_for
+
 from migrator.criu import images
 from migrator.ranges import RangeList
 
@@ -142,14 +144,6 @@ with open(os.path.join(ctl, "result.json"), "w") as f:
 """
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _progress(node, path):
@@ -178,7 +172,7 @@ def _start_workload(a, work):
     pid = int(a.run(
         f"setsid python3 {work}/pattern.py {work}/progress {work}/info {MIB} {SEED:#x} "
         "</dev/null >/dev/null 2>&1 & echo $!").stdout)
-    _wait_for(lambda: len(_progress(a, f"{work}/progress")) >= 3, 30, "workload on A")
+    wait_for(lambda: len(_progress(a, f"{work}/progress")) >= 3, 30, "workload on A")
     addr, size = map(int, a.run(["cat", f"{work}/info"]).stdout.split())
     return pid, addr, size
 
@@ -210,7 +204,7 @@ def _check_dump_has_pattern(a, ckpt, pid, addr, size):
 
 def _move_restore_resume(a, b, pid, ckpt, work):
     a.run(["kill", "-KILL", str(pid)])
-    _wait_for(lambda: _state(a, pid) in (None, "Z"), 10, "the source to be gone on A")
+    wait_for(lambda: _state(a, pid) in (None, "Z"), 10, "the source to be gone on A")
     a.run(f"rm -rf /shared/ckpt /shared/w && cp -a {ckpt} /shared/ckpt && cp -a {work} /shared/w")
     b.run(f"mkdir -p /var/tmp && cp -a /shared/ckpt {ckpt} && cp -a /shared/w {work}")
     restored = _py(b, RESTORE, ckpt)
@@ -221,7 +215,7 @@ def _move_restore_resume(a, b, pid, ckpt, work):
     assert len(_progress(b, f"{work}/progress")) == before, "stays stopped until resumed"
     resumed = b.run(["python3", "-c", RESUME, str(pid)]).stdout
     assert str(pid) in resumed
-    after = _wait_for(lambda: (p := _progress(b, f"{work}/progress")) and len(p) >= before + 5 and p,
+    after = wait_for(lambda: (p := _progress(b, f"{work}/progress")) and len(p) >= before + 5 and p,
                       30, "the resumed workload to continue on B")
     new = after[before:]
     assert all(line[1] == str(pid) and line[2] == "ok" for line in new), new
@@ -281,7 +275,7 @@ def test_uffd_wp_registered_process_dumps_and_restores(two_nodes):
     a.run(f"mkdir -p {ctl}")
     helper = a.spawn(["python3", "-c", TRACKER, str(pid), ctl])
     try:
-        _wait_for(lambda: a.run(["test", "-e", f"{ctl}/ready"], check=False).returncode == 0
+        wait_for(lambda: a.run(["test", "-e", f"{ctl}/ready"], check=False).returncode == 0
                   or not helper.running(), 30, "tracker started")
         assert helper.running(), helper.output()
         flags_before = a.run(f"grep VmFlags /proc/{pid}/smaps | grep -c uw", check=False).stdout

@@ -7,11 +7,11 @@ Addresses are in 198.18.200.0/22, on bridges inside the node only.
 """
 
 import json
-import time
 
 import pytest
 
 from tests.beds import nodes
+from tests.beds.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +24,6 @@ def node(bed_image):
         yield n
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _holder(node) -> int:
@@ -94,7 +86,7 @@ def test_runc_lifecycle_registers_and_connects(node):
         assert out.stdout.strip() == "refused"
     finally:
         node.run("runc kill c1 KILL", check=False)
-        _wait_for(lambda: '"stopped"' in node.run("runc state c1", check=False).stdout,
+        wait_for(lambda: '"stopped"' in node.run("runc state c1", check=False).stdout,
                   10, "c1 to stop")
         node.run("runc delete c1", check=False)
     # poststop ran at delete: the registration is gone.

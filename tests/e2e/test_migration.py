@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.beds import nodes
-from tests.e2e.waiting import wait_for
+from tests.beds.waiting import wait_for
 
 WORKLOADS = "/src/tests/workloads"
 PORT = 7000
