@@ -235,8 +235,10 @@ class Connection:
             self._fail(e)
             raise
 
-    def send(self, event: Event) -> bytes:
-        """Bytes for `event`, preceded by anything queued in data_to_send()."""
+    def _prepare(self, event: Event, encode):
+        """Check that we may send `event` now, encode it with `encode`, and
+        move the state; returns what `encode` made.  The frame takes its
+        sequence number only afterwards (the caller emits it)."""
         if self._error is not None or self.state is State.ERROR:
             raise LocalProtocolError(f"cannot send {type(event).__name__}: the "
                                      f"connection is in ERROR ({self._error or 'Error sent or received'})")
@@ -251,16 +253,20 @@ class Connection:
                                          f"{type(event).__name__} in state "
                                          f"{self.state.name}")
             # Encode first (validates, may refuse the size), then move the
-            # state; only then does the frame take its sequence number.
-            body = encode_body(event, self._out_seq, self.limits, self.page_size)
+            # state.
+            encoded = encode(event, self._out_seq, self.limits, self.page_size)
             try:
                 self._apply(event, self.role)
             except _Invalid as e:
                 raise LocalProtocolError(str(e)) from None
-            self._emit(body)
         except LocalProtocolError as e:
             self._fail(e)
             raise
+        return encoded
+
+    def send(self, event: Event) -> bytes:
+        """Bytes for `event`, preceded by anything queued in data_to_send()."""
+        self._emit(self._prepare(event, encode_body))
         return self.data_to_send()
 
     def send_parts(self, event: Event) -> list:
@@ -269,24 +275,7 @@ class Connection:
         copies the pages.  The bytes are exactly send()'s."""
         if type(event) is not PageBatch:
             return [self.send(event)]
-        if self._error is not None or self.state is State.ERROR:
-            raise LocalProtocolError(f"cannot send {type(event).__name__}: the "
-                                     f"connection is in ERROR ({self._error or 'Error sent or received'})")
-        try:
-            if self.state is State.IDLE:
-                raise LocalProtocolError("call start() before sending events")
-            if type(event) not in _LEGAL.get(self.state, {}).get(self.role, ()):
-                raise LocalProtocolError(f"{self.role} may not send "
-                                         f"{type(event).__name__} in state "
-                                         f"{self.state.name}")
-            parts = encode_body_parts(event, self._out_seq, self.limits, self.page_size)
-            try:
-                self._apply(event, self.role)
-            except _Invalid as e:
-                raise LocalProtocolError(str(e)) from None
-        except LocalProtocolError as e:
-            self._fail(e)
-            raise
+        parts = self._prepare(event, encode_body_parts)
         self._out_seq += 1
         tag = auth.tag_parts(self._out_key, parts) if self._out_key else b""
         head, data, tail = parts
