@@ -228,12 +228,13 @@ class Source:
             out[pid] = c
         return out
 
-    def _present(self, pid: int, ranges: RangeList) -> RangeList:
-        """The part of `ranges` whose pages are in memory: never-touched
-        memory is zero and is not sent; swapped-out pages cross in the
-        final step rather than being swapped in by reading them."""
+    def _present(self, pid: int, dirty: RangeList, tracked: RangeList) -> RangeList:
+        """The dirty pages that are in memory: never-touched memory is zero
+        and is not sent; swapped-out pages cross in the final step rather
+        than being swapped in by reading them.  One scan per tracked run
+        (a few) rather than per dirty run (thousands in a busy round)."""
         pm = self.pagemaps[pid]
-        return concat([pm.scan_present(s, e) for s, e in ranges]) & ranges
+        return concat([pm.scan_present(s, e) for s, e in tracked]) & dirty
 
     # -- pre-copy -----------------------------------------------------
     def _precopy(self) -> tuple[int, str, dict]:
@@ -250,7 +251,7 @@ class Source:
             to_send = {}
             for pid, c in collects.items():
                 try:
-                    to_send[pid] = self._present(pid, c.dirty & c.tracked)
+                    to_send[pid] = self._present(pid, c.dirty & c.tracked, c.tracked)
                 except OSError as e:
                     if e.errno not in (errno.ESRCH, errno.ENOENT):
                         raise
