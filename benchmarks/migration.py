@@ -47,7 +47,9 @@ from tests.beds import waiting  # noqa: E402 (after the path set-up)
 
 PORT = 7100
 WORK = "/tmp/migbench"            # inside each node (tmpfs)
-STORE = "/var/tmp/migbench-mig"   # receivers' --dir (overlay disk, as in use)
+STORES = {"disk": "/var/tmp/migbench-mig",   # receivers' --dir: the node's overlay disk
+          "tmpfs": "/tmp/migbench-mig"}     # or its tmpfs, where stop-and-copy keeps images
+STORE = STORES["tmpfs"]
 SHARED = "/shared/migbench"
 FLOOR_TARGET = 0.8
 CRIU_TARGET = 1.0
@@ -616,6 +618,8 @@ def main() -> int:
     ap.add_argument("--parts", default="1,2", help="which parts (3 comes with 2)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="cProfile a migrator round when it misses a target")
+    ap.add_argument("--store", choices=sorted(STORES), default="tmpfs",
+                    help="where the receivers keep page stores and images (--dir)")
     ap.add_argument("--quick", action="store_true",
                     help="64 MiB, 1 repeat, dirty rate scaled to the size")
     ap.add_argument("--json", action="store_true",
@@ -628,6 +632,8 @@ def main() -> int:
         log("migration.py needs root (test-bed nodes)")
         return 2
     parts = {p.strip() for p in args.parts.split(",")}
+    global STORE
+    STORE = STORES[args.store]
     from tests.beds import image, nodes
     results: dict = {"args": vars(args)}
     try:

@@ -14,6 +14,5 @@ from migrator.criu.images import (  # noqa: F401
     image_files,
     iter_pages,
     read_pagemap,
-    rebuild_pages_img,
 )
 from migrator.criu.runner import CriuError  # noqa: F401

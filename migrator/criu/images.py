@@ -2,9 +2,10 @@
 
 A dump directory holds one ``pagemap-<pid>.img`` per process (which pages
 exist, and where their content is) and the raw ``pages-<id>.img`` it names
-(the content).  The destination rebuilds ``pages-<id>.img`` from CRIU's own
-final pagemap, its page store and the delta, so CRIU's view of which pages
-exist stays authoritative; every other file crosses the network as is.
+(the content).  The destination rewrites CRIU's own final pagemap to read
+those pages from its page stores (migration/levels.py), so CRIU's view of
+which pages exist stays authoritative; every other file crosses the
+network as is.
 
 Image grammar (CRIU 2.x .. 4.x "v1.1" images, facts from CRIU's
 ``images/pagemap.proto`` and ``criu/include/magic.h``)::
@@ -59,7 +60,7 @@ import re
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -74,7 +75,7 @@ PE_PRESENT = 1 << 2
 # making us allocate gigabytes.
 MAX_ENTRY_SIZE = 1 << 16
 
-# Runs are read and rebuilt in pieces of at most this many bytes, so that
+# Runs are read in pieces of at most this many bytes, so that
 # a gigabyte mapping never needs a gigabyte buffer.
 DEFAULT_CHUNK_BYTES = 16 << 20
 
@@ -360,69 +361,6 @@ def iter_pages(dir: Union[str, os.PathLike], pid: int, *, with_data: bool = True
             else:
                 yield vaddr, n, off
             off += size
-
-
-def rebuild_pages_img(dir: Union[str, os.PathLike], pid: int,
-                      source: Optional[Callable[[int, int], bytes]] = None, *,
-                      copy: Optional[Callable[[int, int, int, int], None]] = None,
-                      psize: Optional[int] = None,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                      fsync: bool = True) -> str:
-    """Write pages-<pages_id>.img for the pagemap of `pid` in `dir`.
-
-    ``source(vaddr, npages)`` supplies the bytes of each present run (long
-    runs are asked for in pieces of at most ``chunk_bytes``) and must return
-    exactly npages pages.  The file is written under a temporary name and
-    renamed into place, so CRIU never sees a half-written one; on failure
-    nothing is left behind and an existing pages file is untouched.
-    Returns the path written.
-
-    Instead of ``source``, ``copy(vaddr, npages, fd, offset)`` may write
-    each run itself into the open file ``fd`` at ``offset`` (whole runs:
-    ``chunk_bytes`` does not apply), e.g. with copy_file_range.
-    """
-    if (source is None) == (copy is None):
-        raise TypeError("rebuild_pages_img takes one of source and copy")
-    psize = psize or page_size()
-    pm = read_pagemap(dir, pid)
-    path = _pages_path(dir, pm)
-    tmp = os.path.join(dir, f".{pm.pages_name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        if copy is not None:
-            off = 0
-            for vaddr, n in dumped_runs(pm):
-                copy(vaddr, n, fd, off)
-                off += n * psize
-            if os.fstat(fd).st_size != off:
-                raise ImageError(f"{tmp}: {os.fstat(fd).st_size} bytes written, "
-                                 f"the pagemap describes {off}")
-        for vaddr, n in (() if copy is not None else
-                         _split(dumped_runs(pm), psize, chunk_bytes)):
-            data = source(vaddr, n)
-            if len(data) != n * psize:
-                raise ImageError(f"source gave {len(data)} bytes for {n} pages "
-                                 f"at {vaddr:#x}, expected {n * psize}")
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        # CRIU writes its images 0644; keep the rebuilt one like them.
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 # ---------------------------------------------------------------- the directory

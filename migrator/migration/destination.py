@@ -2,11 +2,13 @@
 
 One migration at a time, each in DIR/<migration id>/:
 
-    store/pages-<pid>.store   page store per process (sparse file)
-    images/                   CRIU's image files as received, plus the
-                              pages-*.img rebuilt from store + delta;
-                              a symlink to /dev/shm/migrator-<id> when
-                              /dev/shm exists (see _images_home)
+    store/pages-<pid>.store.K page store per process (sparse segment
+                              files, store.py)
+    images/                   CRIU's image files as received, pagemaps
+                              rewritten to read from levels/; a symlink
+                              to /dev/shm/migrator-<id> when /dev/shm
+                              exists (see _images_home)
+    levels/level-K/           the stores as CRIU parent images (levels.py)
     state                     "restored <root pid>" while the restored
                               tree waits, stopped, for the source's Commit
 
@@ -29,7 +31,7 @@ import time
 from typing import Callable
 
 from migrator.criu import images, runner
-from migrator.migration import workload
+from migrator.migration import levels, workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.protocol.connection import ConnectionClosed, State
@@ -146,7 +148,7 @@ class Session:
     def _restore(self) -> None:
         try:
             t0 = time.monotonic()
-            self._rebuild_pages()
+            self._prepare_pages()
             t1 = time.monotonic()
             self.restored = workload.restore(self.images_dir)
         except Exception as e:  # noqa: BLE001 - reported to the source
@@ -165,27 +167,13 @@ class Session:
                                               f"stopped until Commit {timings}"))
         self.emit({"event": "restored", "pid": self.restored})
 
-    def _rebuild_pages(self) -> None:
-        for name in _pagemaps(self.images_dir):
-            pid = int(name[len("pagemap-"):-len(".img")])
-            store = self.stores.get(pid)
-            if store is None:
-                continue  # its pages file came as an image
-
-            def copy(vaddr, n, fd, off, store=store, pid=pid):
-                missing = store.check_held(vaddr, n)
-                if missing:
-                    raise RuntimeError(
-                        f"pid {pid}: the dump holds pages the source never "
-                        f"sent ({missing.npages()} pages, first at "
-                        f"{next(iter(missing))[0]:#x})")
-                store.copy_to(vaddr, n, fd, off)
-            # No fsync: CRIU reads the file right away on this node, from
-            # the page cache; after a crash of the node nothing restored
-            # survives anyway, and a restarted receiver deletes the partial
-            # migration.
-            images.rebuild_pages_img(self.images_dir, pid, copy=copy,
-                                     psize=store.page_size, fsync=False)
+    def _prepare_pages(self) -> None:
+        # Every page of the last dump is in the stores by now (the delta
+        # too): CRIU reads them there through parent images, no copy.
+        prepared = levels.prepare(self.images_dir, os.path.join(self.dir, "levels"),
+                                  self.stores)
+        log.info("pages for CRIU: %d from the stores in %d levels, %d copied",
+                 prepared.parent_pages, prepared.levels, prepared.copied_pages)
 
     # -- the hand-over's state ----------------------------------------
     def _state_path(self) -> str:
@@ -220,11 +208,10 @@ class Session:
 
 def _images_home(migration_id: str) -> str | None:
     """Where a migration's images go: /dev/shm/migrator-<id> when /dev/shm
-    exists (tmpfs): CRIU's pages-*.img is rebuilt there during the downtime
-    and read back by criu restore at once, so a disk would cost two passes
-    over the process's memory.  The cost is memory: the images take as
-    much RAM as the dumped pages until the migration ends.  The page store
-    stays in --dir (written during pre-copy, outside the downtime).
+    exists (tmpfs), so that the images written and read back during the
+    downtime never wait for a disk.  They are small: the memory stays in
+    the page store in --dir, which CRIU reads through the parent levels;
+    only pages beyond levels.MAX_LEVELS are copied into the images.
     MIGRATOR_IMAGES_DIR=<dir> chooses another place; "" keeps them in --dir."""
     base = os.environ.get("MIGRATOR_IMAGES_DIR", "/dev/shm")
     if not base or not os.path.isdir(base):
@@ -238,12 +225,6 @@ def _remove_migration(d: str) -> None:
     if os.path.islink(link):
         shutil.rmtree(os.path.realpath(link), ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
-
-
-def _pagemaps(d: str) -> list[str]:
-    """The per-process pagemaps (shared memory's are not rebuilt here)."""
-    return sorted(n for n in os.listdir(d) if n.startswith("pagemap-")
-                  and n.endswith(".img") and n[8:-4].isdigit())
 
 
 def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,

@@ -1,14 +1,24 @@
 """The destination's page store: what it holds of one process's memory.
 
-Pages live in one sparse file per process, not in Python objects, so the
-store's own memory stays small whatever the process's size.  Address
-space is sparse (a 47-bit space, mappings far apart), so the file is not
-indexed by address: memory is cut into 2 MiB blocks, and each block that
-receives a page gets the next 2 MiB slot of the file.  Per block, one byte
-per page says whether the page is held.
+Pages live in sparse files, not in Python objects, so the store's own
+memory stays small whatever the process's size.  Address space is sparse
+(a 47-bit space, mappings far apart), so a file is not indexed by address:
+memory is cut into 2 MiB blocks, and each block that receives a page gets
+the next 2 MiB slot of a file.  Per block, one byte per page says whether
+the page is held.
 
-Layout: slot k of the file = the block that got slot k; page i of a block
-is at slot * BLOCK + i * page_size.
+The files are *segments* whose blocks rise in address from slot to slot:
+a block lower than the last one of the current segment opens a new
+segment.  Each segment is then laid out as CRIU lays out a pages image
+(runs in address order, back to back), so the destination hands the
+segments to CRIU as they are, as a chain of parent images (levels.py),
+instead of copying a gigabyte into a new pages file during the downtime.
+The sender sends each round in address order, so a process's store
+usually has one segment, plus one per round that found a new mapping
+below the highest block seen so far.
+
+Layout: segment k is the file PATH.k; page i of a block in slot j of a
+segment is at j * BLOCK + i * page_size.
 """
 
 from __future__ import annotations
@@ -56,22 +66,27 @@ class PageStore:
         self.path = path
         self.page_size = page_size
         self.per_block = BLOCK // page_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC |
-                          os.O_CLOEXEC, 0o600)
-        self._slots: dict[int, int] = {}  # block address -> slot
-        self._held: dict[int, bytearray] = {}  # block address -> page flags
+        self._fds: list[int] = []                 # segment -> open file
+        self._blocks: list[list[int]] = []        # segment -> block per slot
+        self._where: dict[int, tuple[int, int]] = {}  # block -> (segment, slot)
+        self._held: dict[int, bytearray] = {}     # block -> page flags
+
+    def segment_path(self, k: int) -> str:
+        return f"{self.path}.{k}"
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self._fds:
+            if fd >= 0:
+                os.close(fd)
+        self._fds = [-1] * len(self._fds)
 
     def remove(self) -> None:
         self.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        for k in range(len(self._fds)):
+            try:
+                os.unlink(self.segment_path(k))
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self
@@ -94,19 +109,35 @@ class PageStore:
             yield block, first, n, done
             done += n * ps
 
+    def _place(self, block: int) -> tuple[int, int]:
+        """(segment, slot) of a block seen for the first time."""
+        if not self._blocks or block < self._blocks[-1][-1]:
+            fd = os.open(self.segment_path(len(self._fds)),
+                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fds.append(fd)
+            self._blocks.append([])
+        seg = len(self._blocks) - 1
+        self._blocks[seg].append(block)
+        self._held[block] = bytearray(self.per_block)
+        where = self._where[block] = (seg, len(self._blocks[seg]) - 1)
+        return where
+
+    def _at(self, block: int, first: int) -> tuple[int, int]:
+        """(file descriptor, offset) of page `first` of a placed block."""
+        seg, slot = self._where[block]
+        return self._fds[seg], slot * BLOCK + first * self.page_size
+
     def put(self, addr: int, data) -> None:
         """Store the pages starting at `addr` (data: whole pages)."""
         data = memoryview(data)
         for block, first, n, off in self._pieces(addr, len(data)):
-            slot = self._slots.get(block)
-            if slot is None:
-                slot = self._slots[block] = len(self._slots)
-                self._held[block] = bytearray(self.per_block)
-            pos = slot * BLOCK + first * self.page_size
+            if block not in self._where:
+                self._place(block)
+            fd, pos = self._at(block, first)
             chunk = data[off:off + n * self.page_size]
-            written = os.pwrite(self.fd, chunk, pos)
+            written = os.pwrite(fd, chunk, pos)
             while written < len(chunk):  # pwrite may be short on huge writes
-                written += os.pwrite(self.fd, chunk[written:], pos + written)
+                written += os.pwrite(fd, chunk[written:], pos + written)
             self._held[block][first:first + n] = b"\1" * n
 
     def get(self, addr: int, npages: int) -> tuple[bytes, RangeList]:
@@ -116,13 +147,12 @@ class PageStore:
         out = bytearray(npages * ps)
         missing = []
         for block, first, n, off in self._pieces(addr, npages * ps):
-            slot = self._slots.get(block)
             held = self._held.get(block)
-            if slot is None:
+            if held is None:
                 missing.append((addr + off, addr + off + n * ps))
                 continue
-            got = os.preadv(self.fd, [memoryview(out)[off:off + n * ps]],
-                            slot * BLOCK + first * ps)
+            fd, pos = self._at(block, first)
+            got = os.preadv(fd, [memoryview(out)[off:off + n * ps]], pos)
             if got < n * ps:  # beyond the file's end: sparse zeroes
                 out[off + got:off + n * ps] = bytes(n * ps - got)
             for i in range(n):
@@ -155,17 +185,36 @@ class PageStore:
         across filesystems): no Python copy.  Every page must be held
         (check_held first)."""
         ps = self.page_size
-        # Blocks that got consecutive slots are consecutive in the file:
-        # one copy for all of them.
-        spans: list[list[int]] = []          # [file offset, length, out offset]
+        # Blocks in consecutive slots of a segment are consecutive in its
+        # file: one copy for all of them.
+        spans: list[list[int]] = []     # [fd, file offset, length, out offset]
         for block, first, n, off in self._pieces(addr, npages * ps):
-            src = self._slots[block] * BLOCK + first * ps
-            if spans and spans[-1][0] + spans[-1][1] == src:
-                spans[-1][1] += n * ps
+            fd, src = self._at(block, first)
+            last = spans[-1] if spans else None
+            if last and last[0] == fd and last[1] + last[2] == src:
+                last[2] += n * ps
             else:
-                spans.append([src, n * ps, out_off + off])
-        for src, length, dst in spans:
-            _copy_range(self.fd, src, out_fd, dst, length)
+                spans.append([fd, src, n * ps, out_off + off])
+        for fd, src, length, dst in spans:
+            _copy_range(fd, src, out_fd, dst, length)
+
+    def segments(self) -> list[tuple[str, list[int]]]:
+        """(file, block address of each slot) per segment, in order; the
+        blocks of a segment rise."""
+        return [(self.segment_path(k), list(b)) for k, b in enumerate(self._blocks)]
+
+    def segment_runs(self, addr: int, npages: int) -> list[tuple[int, int, int]]:
+        """[addr, addr + npages pages) cut where the segment changes:
+        (address, pages, segment).  Every page must be held (check_held
+        first)."""
+        out: list[list[int]] = []
+        for block, first, n, off in self._pieces(addr, npages * self.page_size):
+            seg = self._where[block][0]
+            if out and out[-1][2] == seg:
+                out[-1][1] += n
+            else:
+                out.append([addr + off, n, seg])
+        return [tuple(r) for r in out]
 
     def held(self) -> RangeList:
         ps = self.page_size
@@ -184,4 +233,4 @@ class PageStore:
         return RangeList(runs)
 
     def disk_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        return sum(os.fstat(fd).st_blocks * 512 for fd in self._fds if fd >= 0)

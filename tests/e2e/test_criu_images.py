@@ -1,14 +1,14 @@
-"""migrator.criu against the real CRIU 4.1.1 of the test-bed nodes.
+"""migrator.criu and the destination's image preparation against the
+real CRIU of the test-bed nodes.
 
 A workload fills an anonymous mapping with a known pattern and then checks
 it every tick.  It is dumped on node A with the runner (left stopped); the
 pagemap must cover the pattern and CRIU's pages file must hold it; the
-pages file is then rebuilt from the stopped process's memory (read with
-process_vm_readv) and must be byte-identical to CRIU's, but for the rseq
-area that the kernel rewrites when the task leaves CRIU's parasite; node B restores
-from the rebuilt directory, stopped, and resumes it; the workload keeps
-verifying its memory.  The second test does the same with the memory
-registered for uffd-wp by migrator's tracker while CRIU dumps.
+stopped process's memory (read with process_vm_readv) goes into a page
+store, and levels.prepare rewrites the dump to read its pages from that
+store through parent images; node B restores that, stopped, and resumes
+it; the workload keeps verifying its memory.  The second test dumps a
+process whose memory migrator's tracker has registered for uffd-wp.
 """
 
 import json
@@ -53,70 +53,46 @@ while True:
     time.sleep(0.05)
 """
 
-# Runs in node A: dump PID into DIR with the runner (left stopped), read
-# the dumped runs from the stopped process with process_vm_readv, move
-# CRIU's pages file aside, rebuild it from that memory, compare.
-DUMP_AND_REBUILD = r"""
-import bisect, hashlib, json, os, struct, sys
+# Runs in node A: dump PID into ROOT/images with the runner (left
+# stopped), keep a copy of CRIU's dump, read the dumped runs from the
+# stopped process with process_vm_readv into a page store in an order that
+# makes three segments, and let levels.prepare (at most two levels) turn
+# the dump into one that reads its pages from the store: two segments as
+# parent levels, the third copied into the dump's own pages image.
+DUMP_AND_PREPARE = r"""
+import json, os, shutil, sys
 from migrator.criu import images, runner
 from migrator.kernel.vmread import read_ranges
+from migrator.migration import levels
+from migrator.migration.store import PageStore
 from migrator.ranges import RangeList
-pid, d, aside = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+pid, root = int(sys.argv[1]), sys.argv[2]
+d = os.path.join(root, "images")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 log = runner.dump(pid, d, leave_stopped=True)
 with open(f"/proc/{pid}/stat") as f:
     state = f.read().rsplit(")", 1)[1].split()[0]
-pm = images.read_pagemap(d, pid)
-runs = images.dumped_runs(pm)
+shutil.copytree(d, d + ".criu")
+runs = images.dumped_runs(images.read_pagemap(d, pid))
 ranges = RangeList((v, v + n * PAGE) for v, n in runs)
 mem, gone = read_ranges(pid, ranges)
-starts, offs, off = [], [], 0
+pieces, off = [], 0
 for s, e in ranges:
-    starts.append(s); offs.append(off); off += e - s
-def source(vaddr, npages):
-    i = bisect.bisect_right(starts, vaddr) - 1
-    o = offs[i] + vaddr - starts[i]
-    return mem[o:o + npages * PAGE]
-pages = os.path.join(d, pm.pages_name)
-os.rename(pages, aside)
-images.rebuild_pages_img(d, pid, source)
-# The kernel rewrites the thread's rseq area (cpu and mm ids) whenever the
-# task returns to user space, which CRIU's parasite cure makes it do after
-# the pages were dumped; those bytes are masked in both files.  Its address
-# is core-PID.img's thread_core (5) .rseq_entry (15) .rseq_abi_pointer (1)
-# and .rseq_abi_size (2).
-def sub(body, number):
-    for n, wire, value, raw in images._fields(body, "core"):
-        if n == number:
-            if wire != 2:
-                return value
-            _, pos = images._read_varint(raw, 0, len(raw), "core")
-            _, pos = images._read_varint(raw, pos, len(raw), "core")
-            return raw[pos:]
-    return None
-with open(os.path.join(d, f"core-{pid}.img"), "rb") as f:
-    core = f.read()
-(size,) = struct.unpack_from("<I", core, 8)
-rseq = sub(sub(core[12:12 + size], 5) or b"", 15)
-masked = []
-if rseq:
-    lo = sub(rseq, 1)
-    hi = lo + sub(rseq, 2)
-    off = 0
-    for v, n in runs:
-        s, e = max(v, lo), min(v + n * PAGE, hi)
-        if s < e:
-            masked.append((off + s - v, e - s))
-        off += n * PAGE
-def digest(p):
-    with open(p, "rb") as f:
-        data = bytearray(f.read())
-    for o, n in masked:
-        data[o:o + n] = bytes(n)
-    return hashlib.sha256(data).hexdigest()
+    pieces.append((s, mem[off:off + e - s])); off += e - s
+os.makedirs(os.path.join(root, "store"))
+store = PageStore(os.path.join(root, "store", "pages"))
+# the top third, then the middle, then the bottom: each lower than the last
+third = len(pieces) // 3
+for part in (pieces[2 * third:], pieces[third:2 * third], pieces[:third]):
+    for addr, data in part:
+        store.put(addr, data)
+levels.MAX_LEVELS = 2
+prep = levels.prepare(d, os.path.join(root, "levels"), {pid: store})
+store.close()
 print(json.dumps({"state": state, "gone": list(gone), "runs": len(runs),
-                  "pages": sum(n for _, n in runs),
-                  "masked": masked, "criu": digest(aside), "rebuilt": digest(pages)}))
+                  "pages": sum(n for _, n in runs), "segments": len(store.segments()),
+                  "levels": prep.levels, "parent_pages": prep.parent_pages,
+                  "copied_pages": prep.copied_pages}))
 """
 
 # Runs in node B: restore DIR stopped, print the root pid and its state.
@@ -234,12 +210,15 @@ def _check_dump_has_pattern(a, ckpt, pid, addr, size):
     return len(runs)
 
 
-def _move_restore_resume(a, b, pid, ckpt, work):
+def _move_restore_resume(a, b, pid, ckpt, work, images=None):
+    """Copy ckpt (the images, or a tree holding them at `images`) and the
+    work directory to B, same paths, and restore there."""
+    images = images or ckpt
     a.run(["kill", "-KILL", str(pid)])
     wait_for(lambda: _state(a, pid) in (None, "Z"), 10, "the source to be gone on A")
     a.run(f"rm -rf /shared/ckpt /shared/w && cp -a {ckpt} /shared/ckpt && cp -a {work} /shared/w")
     b.run(f"mkdir -p /var/tmp && cp -a /shared/ckpt {ckpt} && cp -a /shared/w {work}")
-    restored = _py(b, RESTORE, ckpt)
+    restored = _py(b, RESTORE, images)
     assert restored["pid"] == pid
     assert restored["state"] == "T", "restored with tasks stopped"
     before = len(_progress(b, f"{work}/progress"))
@@ -281,22 +260,24 @@ def test_runner_version_check_and_errors(two_nodes):
     assert res["error"]["log"] == "/var/tmp/nosuch/dump.log"
 
 
-def test_dump_rebuild_restore(two_nodes):
+def test_dump_prepare_levels_restore(two_nodes):
     a, b = two_nodes
-    work, ckpt = "/var/tmp/w", "/var/tmp/ckpt"
+    work, root = "/var/tmp/w", "/var/tmp/ckpt"
     pid, addr, size = _start_workload(a, work)
     try:
-        res = _py(a, DUMP_AND_REBUILD, pid, ckpt, "/var/tmp/criu-pages.img")
+        res = _py(a, DUMP_AND_PREPARE, pid, root)
         assert res["state"] == "T", "criu dump --leave-stopped leaves the task stopped"
         assert res["gone"] == []
-        assert res["masked"], "the thread's rseq area was found among the dumped pages"
-        assert res["rebuilt"] == res["criu"], \
-            "rebuilt pages file is byte-identical to CRIU's but for the rseq area"
-        nruns = _check_dump_has_pattern(a, ckpt, pid, addr, size)
-        print(f"\ndump: {res['runs']} runs, {res['pages']} pages; pattern "
-              f"{size >> 20} MiB covered; rebuilt == CRIU's ({res['criu'][:12]})")
+        nruns = _check_dump_has_pattern(a, f"{root}/images.criu", pid, addr, size)
         assert nruns == res["runs"]
-        restored = _move_restore_resume(a, b, pid, ckpt, work)
+        assert (res["segments"], res["levels"]) == (3, 2)
+        assert res["copied_pages"] > 0 and res["parent_pages"] > 0
+        assert res["parent_pages"] + res["copied_pages"] == res["pages"]
+        print(f"\ndump: {res['runs']} runs, {res['pages']} pages; pattern "
+              f"{size >> 20} MiB covered; store in {res['segments']} segments, "
+              f"{res['parent_pages']} pages read through {res['levels']} parent "
+              f"levels, {res['copied_pages']} copied")
+        restored = _move_restore_resume(a, b, pid, root, work, f"{root}/images")
         print(f"restored on B as pid {restored['pid']}, stopped, resumed, memory ok")
     finally:
         a.run(["kill", "-KILL", str(pid)], check=False)

@@ -1,5 +1,5 @@
 """CRIU image codec: pagemaps captured from real dumps (tests/unit/data),
-pages files rebuilt from a source, and malformed input rejected clearly."""
+pages files read run by run, and malformed input rejected clearly."""
 
 import os
 import pathlib
@@ -191,37 +191,6 @@ def test_iter_pages_refuses_wrong_size(dump_dir):
         f.write(b"\0" * PSIZE)
     with pytest.raises(I.ImageError, match="the pagemap describes"):
         list(I.iter_pages(dump_dir, 26, psize=PSIZE))
-
-
-def test_rebuild_is_byte_identical(dump_dir):
-    orig = (dump_dir / "pages-1.img").read_bytes()
-    os.unlink(dump_dir / "pages-1.img")
-    calls = []
-
-    def source(vaddr, npages):
-        calls.append((vaddr, npages))
-        return _pattern(vaddr, npages)
-
-    path = I.rebuild_pages_img(dump_dir, 26, source, psize=PSIZE, chunk_bytes=2 * PSIZE)
-    assert pathlib.Path(path) == dump_dir / "pages-1.img"
-    assert (dump_dir / "pages-1.img").read_bytes() == orig
-    assert max(n for _, n in calls) == 2  # long runs asked in pieces
-    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
-    assert not [n for n in os.listdir(dump_dir) if n.startswith(".pages")]
-
-
-def test_rebuild_failure_leaves_old_file_and_no_temp(dump_dir):
-    orig = (dump_dir / "pages-1.img").read_bytes()
-    with pytest.raises(I.ImageError, match="source gave 1 bytes"):
-        I.rebuild_pages_img(dump_dir, 26, lambda v, n: b"x", psize=PSIZE)
-
-    def boom(v, n):
-        raise OSError("store unreadable")
-
-    with pytest.raises(OSError, match="store unreadable"):
-        I.rebuild_pages_img(dump_dir, 26, boom, psize=PSIZE)
-    assert (dump_dir / "pages-1.img").read_bytes() == orig
-    assert not [n for n in os.listdir(dump_dir) if n.startswith(".pages")]
 
 
 def test_image_files_split(dump_dir):

@@ -47,5 +47,5 @@ def test_far_apart_pages_stay_sparse(tmp_path):
         s.put(0, b"a" * PAGE_SIZE)
         s.put(0x7F00_0000_0000, b"b" * PAGE_SIZE)
         # two 2 MiB slots of file, two pages of disk: not 127 TiB
-        assert os.path.getsize(s.path) <= 2 * BLOCK
+        assert os.path.getsize(s.segment_path(0)) <= 2 * BLOCK
         assert s.disk_bytes() <= 64 * PAGE_SIZE
