@@ -5,10 +5,9 @@ One migration at a time, each in DIR/<migration id>/:
     store/pages-<pid>.store.K page store per process (sparse segment
                               files, store.py)
     images/                   CRIU's image files as received, pagemaps
-                              rewritten to read from levels/; a symlink
-                              to /dev/shm/migrator-<id> when /dev/shm
-                              exists (see _images_home)
-    levels/level-K/           the stores as CRIU parent images (levels.py)
+                              rewritten to read from levels/
+    images/levels/level-K/    the stores as CRIU parent images (levels.py):
+                              hard links, so on the store's filesystem
     state                     "restored <root pid>" while the restored
                               tree waits, stopped, for the source's Commit
 
@@ -66,12 +65,7 @@ class Session:
         self.id = start.migration_id
         self.dir = os.path.join(self.base, start.migration_id)
         os.makedirs(os.path.join(self.dir, "store"))
-        home = _images_home(self.id)
-        if home is None:
-            os.makedirs(self.images_dir)
-        else:
-            os.makedirs(home, mode=0o700)
-            os.symlink(home, self.images_dir)
+        os.makedirs(self.images_dir)
         for p in start.processes:
             self.stores[p.pid] = PageStore(
                 os.path.join(self.dir, "store", f"pages-{p.pid}.store"),
@@ -170,8 +164,7 @@ class Session:
     def _prepare_pages(self) -> None:
         # Every page of the last dump is in the stores by now (the delta
         # too): CRIU reads them there through parent images, no copy.
-        prepared = levels.prepare(self.images_dir, os.path.join(self.dir, "levels"),
-                                  self.stores)
+        prepared = levels.prepare(self.images_dir, self.stores)
         log.info("pages for CRIU: %d from the stores in %d levels, %d copied",
                  prepared.parent_pages, prepared.levels, prepared.copied_pages)
 
@@ -206,21 +199,9 @@ class Session:
             _remove_migration(self.dir)
 
 
-def _images_home(migration_id: str) -> str | None:
-    """Where a migration's images go: /dev/shm/migrator-<id> when /dev/shm
-    exists (tmpfs), so that the images written and read back during the
-    downtime never wait for a disk.  They are small: the memory stays in
-    the page store in --dir, which CRIU reads through the parent levels;
-    only pages beyond levels.MAX_LEVELS are copied into the images.
-    MIGRATOR_IMAGES_DIR=<dir> chooses another place; "" keeps them in --dir."""
-    base = os.environ.get("MIGRATOR_IMAGES_DIR", "/dev/shm")
-    if not base or not os.path.isdir(base):
-        return None
-    return os.path.join(base, f"migrator-{migration_id}")
-
-
 def _remove_migration(d: str) -> None:
-    """rmtree of DIR/<id>, and of its images' home if that is elsewhere."""
+    """rmtree of DIR/<id>, and of its images' home if that is elsewhere
+    (receivers before 0.2 kept images in /dev/shm behind a link)."""
     link = os.path.join(d, "images")
     if os.path.islink(link):
         shutil.rmtree(os.path.realpath(link), ignore_errors=True)

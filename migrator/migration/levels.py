@@ -6,8 +6,9 @@ up there by address, and that directory may have a parent of its own.  A
 store segment (store.py) is laid out exactly as a pages image: blocks in
 rising address order, back to back.  So at switch-over the destination
 
-- builds one *level* directory per segment index k (``level-1`` holds
-  every process's segment 0, ``level-2`` segment 1, ...): per process a
+- builds one *level* directory per segment index k in the images
+  directory (``levels/level-1`` holds every process's segment 0,
+  ``levels/level-2`` segment 1, ...): per process a
   pagemap listing the blocks of segments 0..k-1 in address order, those of
   segment k-1 ``PE_PRESENT`` (their bytes are the segment file, hard-linked
   in as that level's pages image), the older ones ``PE_PARENT``; each level
@@ -41,6 +42,7 @@ from migrator.migration.store import PageStore
 MAX_LEVELS = 16
 
 PARENT_LINK = "parent"  # CRIU's name for the link to the parent images
+LEVELS = "levels"       # the level directories, inside the images directory
 
 
 @dataclass
@@ -144,11 +146,14 @@ def _write_level(level_dir: str, k: int, pid: int, store: PageStore,
                       images.encode_pagemap(pm))
 
 
-def prepare(images_dir: str, levels_dir: str, stores: dict[int, PageStore]) -> Prepared:
+def prepare(images_dir: str, stores: dict[int, PageStore]) -> Prepared:
     """Make the final dump in images_dir read its pages from the stores.
 
     stores: checkpoint pid -> store, for the processes whose pagemap is in
-    images_dir (others keep the pages image that came with the dump)."""
+    images_dir (others keep the pages image that came with the dump).  The
+    levels go to images_dir/levels, which must be on the stores'
+    filesystem (hard links).  Links between levels are relative: CRIU
+    follows them from inside a container, whose root is not ours."""
     out = Prepared()
     pids = [pid for pid in sorted(stores)
             if os.path.exists(os.path.join(images_dir, f"pagemap-{pid}.img"))]
@@ -160,14 +165,12 @@ def prepare(images_dir: str, levels_dir: str, stores: dict[int, PageStore]) -> P
     if out.levels == 0:
         return out
     byteorder = {p: images.read_pagemap(images_dir, p).byteorder for p in pids}
-    below = None
     for k in range(1, out.levels + 1):
-        level_dir = os.path.join(levels_dir, f"level-{k}")
+        level_dir = os.path.join(images_dir, LEVELS, f"level-{k}")
         os.makedirs(level_dir)
         for pid in pids:
             _write_level(level_dir, k, pid, stores[pid], byteorder[pid])
-        if below is not None:
-            os.symlink(below, os.path.join(level_dir, PARENT_LINK))
-        below = level_dir
-    os.symlink(below, os.path.join(images_dir, PARENT_LINK))
+        if k > 1:
+            os.symlink(f"../level-{k - 1}", os.path.join(level_dir, PARENT_LINK))
+    os.symlink(f"{LEVELS}/level-{out.levels}", os.path.join(images_dir, PARENT_LINK))
     return out

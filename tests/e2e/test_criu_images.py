@@ -79,15 +79,14 @@ mem, gone = read_ranges(pid, ranges)
 pieces, off = [], 0
 for s, e in ranges:
     pieces.append((s, mem[off:off + e - s])); off += e - s
-os.makedirs(os.path.join(root, "store"))
-store = PageStore(os.path.join(root, "store", "pages"))
+store = PageStore(os.path.join(root, "store"))
 # the top third, then the middle, then the bottom: each lower than the last
 third = len(pieces) // 3
 for part in (pieces[2 * third:], pieces[third:2 * third], pieces[:third]):
     for addr, data in part:
         store.put(addr, data)
 levels.MAX_LEVELS = 2
-prep = levels.prepare(d, os.path.join(root, "levels"), {pid: store})
+prep = levels.prepare(d, {pid: store})
 store.close()
 print(json.dumps({"state": state, "gone": list(gone), "runs": len(runs),
                   "pages": sum(n for _, n in runs), "segments": len(store.segments()),

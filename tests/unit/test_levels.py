@@ -75,7 +75,7 @@ rounds = st.lists(st.lists(st.tuples(blocks, st.integers(0, PER_BLOCK - 1),
 @given(rounds, st.booleans())
 def test_every_dumped_page_resolves_to_the_store(tmp_path_factory, rounds, new_format):
     root = tmp_path_factory.mktemp("mig")
-    img, lv = str(root / "images"), str(root / "levels")
+    img = str(root / "images")
     os.makedirs(img)
     base = 0x7F00_0000_0000
     held = {}
@@ -95,7 +95,7 @@ def test_every_dumped_page_resolves_to_the_store(tmp_path_factory, rounds, new_f
             else:
                 runs.append([a, 1])
         write_final_dump(img, 42, runs, new_format)
-        got = levels.prepare(img, lv, {42: store})
+        got = levels.prepare(img, {42: store})
         assert got.levels == len(store.segments())
         assert got.parent_pages == len(held) and got.copied_pages == 0
         assert os.path.getsize(os.path.join(img, "pages-1.img")) == 0
@@ -105,7 +105,7 @@ def test_every_dumped_page_resolves_to_the_store(tmp_path_factory, rounds, new_f
 
 def test_levels_beyond_the_cap_are_copied(tmp_path, monkeypatch):
     monkeypatch.setattr(levels, "MAX_LEVELS", 2)
-    img, lv = str(tmp_path / "images"), str(tmp_path / "levels")
+    img = str(tmp_path / "images")
     os.makedirs(img)
     with PageStore(str(tmp_path / "store")) as store:
         # four segments: each block lower than the one before
@@ -114,17 +114,20 @@ def test_levels_beyond_the_cap_are_copied(tmp_path, monkeypatch):
             store.put(a, page(a) + page(a + PAGE_SIZE))
         assert len(store.segments()) == 4
         write_final_dump(img, 7, sorted((a, 2) for a in addrs))
-        got = levels.prepare(img, lv, {7: store})
+        got = levels.prepare(img, {7: store})
     assert (got.levels, got.parent_pages, got.copied_pages) == (2, 4, 4)
     assert os.path.getsize(os.path.join(img, "pages-1.img")) == 4 * PAGE_SIZE
     for a in addrs:
         for p in (a, a + PAGE_SIZE):
             assert read_page(img, 7, p) == page(p)
-    assert sorted(os.listdir(lv)) == ["level-1", "level-2"]
+    assert sorted(os.listdir(os.path.join(img, "levels"))) == ["level-1", "level-2"]
+    # relative links: CRIU follows them from inside a container's root
+    assert os.readlink(os.path.join(img, "parent")) == "levels/level-2"
+    assert os.readlink(os.path.join(img, "levels", "level-2", "parent")) == "../level-1"
 
 
 def test_processes_with_fewer_segments_pass_through(tmp_path):
-    img, lv = str(tmp_path / "images"), str(tmp_path / "levels")
+    img = str(tmp_path / "images")
     os.makedirs(img)
     one, three = PageStore(str(tmp_path / "s1")), PageStore(str(tmp_path / "s3"))
     with one, three:
@@ -138,7 +141,7 @@ def test_processes_with_fewer_segments_pass_through(tmp_path):
         with open(os.path.join(img, "pagemap-1.img"), "wb") as f:
             f.write(I.encode_pagemap(pm))
         write_final_dump(img, 3, [(BLOCK, 1), (3 * BLOCK, 1), (5 * BLOCK, 1)])
-        got = levels.prepare(img, lv, {1: one, 3: three})
+        got = levels.prepare(img, {1: one, 3: three})
     assert got.levels == 3
     assert read_page(img, 1, BLOCK) == page(BLOCK)
     for a in (BLOCK, 3 * BLOCK, 5 * BLOCK):
@@ -152,7 +155,7 @@ def test_a_page_the_store_lacks_is_an_error(tmp_path):
         store.put(BLOCK, page(BLOCK))
         write_final_dump(img, 5, [(BLOCK, 2)])
         with pytest.raises(RuntimeError, match="never sent.*1 pages"):
-            levels.prepare(img, str(tmp_path / "levels"), {5: store})
+            levels.prepare(img, {5: store})
 
 
 def test_an_existing_parent_link_is_refused(tmp_path):
@@ -162,4 +165,4 @@ def test_an_existing_parent_link_is_refused(tmp_path):
     with PageStore(str(tmp_path / "store")) as store:
         write_final_dump(img, 5, [])
         with pytest.raises(RuntimeError, match="already has a parent"):
-            levels.prepare(img, str(tmp_path / "levels"), {5: store})
+            levels.prepare(img, {5: store})
