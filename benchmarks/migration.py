@@ -420,18 +420,19 @@ def part1(a, mib, repeats, level, results, profile_dir):
 
 
 # ------------------------------------------------------------------ part 2
-def migrator_live(a, b, d, rate_hint):
-    to = a.peers["b"]
-    b.run(f"rm -rf {STORE}", check=False)
-    rlog = b.dir / "logs" / f"recv2-{time.monotonic_ns()}.log"
-    slog = a.dir / "logs" / f"send2-{time.monotonic_ns()}.log"
-    rsvc = b.spawn(helper("cli", "recv", "--listen", f"{to}:{PORT}", "--dir", STORE,
-                          "--insecure", "--once", "--json"), log=rlog)
+def migrator_live(src, dst, d):
+    """migrator recv on dst, migrator send of d on src."""
+    to = src.peers[dst.name]
+    dst.run(f"rm -rf {STORE}", check=False)
+    rlog = dst.dir / "logs" / f"recv2-{time.monotonic_ns()}.log"
+    slog = src.dir / "logs" / f"send2-{time.monotonic_ns()}.log"
+    rsvc = dst.spawn(helper("cli", "recv", "--listen", f"{to}:{PORT}", "--dir", STORE,
+                            "--insecure", "--once", "--json"), log=rlog)
     ssvc = None
     peak = {"send": 0, "recv": 0}
     try:
         wait_for(lambda: "listening" in read(rlog), 30, "migrator recv")
-        ssvc = a.spawn(helper("cli", "send", "--pid", d.pid, "--to", f"{to}:{PORT}",
+        ssvc = src.spawn(helper("cli", "send", "--pid", d.pid, "--to", f"{to}:{PORT}",
                               "--insecure", "--json"), log=slog)
         end = time.monotonic() + 600
         spid = rpid = None
@@ -449,7 +450,7 @@ def migrator_live(a, b, d, rate_hint):
         if ssvc:
             ssvc.stop()
         rsvc.stop()
-        b.run(f"rm -rf {STORE}", check=False)
+        dst.run(f"rm -rf {STORE}", check=False)
     sev, rev = events(read(slog)), events(read(rlog))
     done = next((e for e in sev if e.get("event") == "done"), None)
     if code != 0 or done is None:
@@ -503,19 +504,32 @@ def part2(a, b, mib, rate, mbit, repeats, results):
     mig, sc, verdicts = [], [], []
     try:
         for rep in range(repeats):
-            m = migrator_live(a, b, d, rate)
-            m["verify"] = d.verify(b)
-            mig.append(m)
-            log(f"  [rep {rep + 1}] migrator A->B downtime {m['downtime_ms']:.0f} ms, "
-                f"total {m['total_ms']:.0f} ms, rounds {m['round_pages']}, "
-                f"verify {m['verify']}")
-            s = stop_and_copy(b, a, d)
-            s["verify"] = d.verify(a)
-            sc.append(s)
-            log(f"  [rep {rep + 1}] stop-and-copy B->A downtime {s['downtime_ms']:.0f} ms "
-                f"(dump {s['dump_ms']:.0f}, copy {s['copy_ms']:.0f}, restore "
-                f"{s['restore_ms']:.0f}), verify {s['verify']}")
-            verdicts += [m["verify"], s["verify"]]
+            # Alternate which method goes first, so that neither always
+            # runs on the machine the other has just left (see the README).
+            here, there = a, b  # the workload starts each repeat on A
+            order = ("migrator", "stop-and-copy") if rep % 2 == 0 else \
+                    ("stop-and-copy", "migrator")
+            for method in order:
+                src, dst = here, there
+                way = f"{src.name.upper()}->{dst.name.upper()}"
+                if method == "migrator":
+                    m = migrator_live(src, dst, d)
+                    m["verify"] = d.verify(dst)
+                    mig.append(m)
+                    log(f"  [rep {rep + 1}] migrator {way} downtime {m['downtime_ms']:.0f} ms, "
+                        f"total {m['total_ms']:.0f} ms, rounds {m['round_pages']}, "
+                        f"verify {m['verify']}")
+                    verdicts.append(m["verify"])
+                else:
+                    x = stop_and_copy(src, dst, d)
+                    x["verify"] = d.verify(dst)
+                    sc.append(x)
+                    log(f"  [rep {rep + 1}] stop-and-copy {way} downtime "
+                        f"{x['downtime_ms']:.0f} ms (dump {x['dump_ms']:.0f}, copy "
+                        f"{x['copy_ms']:.0f}, restore {x['restore_ms']:.0f}), "
+                        f"verify {x['verify']}")
+                    verdicts.append(x["verify"])
+                here, there = there, here
     finally:
         d.kill(a, b)
         net.shape(a, a.ifnames["b"])
@@ -565,7 +579,8 @@ def report(results, args, out):
         mig, sc = dt["migrator"], dt["stop_and_copy"]
         p()
         p(f"2. downtime, {args.size_mib} MiB dirtying {args.rate_mib} MiB/s, veth "
-          f"shaped to {args.link_mbit} Mbit/s both ways (migrator A->B, stop-and-copy B->A)")
+          f"shaped to {args.link_mbit} Mbit/s both ways (A->B and back; which "
+          "method goes first alternates)")
         p(DOWN_HEADER)
         for name, xs in (("migrator", mig), ("stop-and-copy", sc)):
             p(f"{name:<16} {med([x['downtime_ms'] for x in xs]):16.0f} "
