@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import threading
@@ -36,13 +37,71 @@ from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.protocol.connection import ConnectionClosed, State
 from migrator.protocol.frames import (Abort, Commit, Error, Images, PageBatch,
                                       ProtocolError, RestoreResult, RoundEnd,
-                                      StartMigration, SwitchOver)
+                                      StartMigration, SwitchOver, decode_pages)
 
 log = logging.getLogger("migrator.destination")
 
 
 class Undecided(Exception):
     """The hand-over's outcome is unknown; the restored tree waits."""
+
+
+class PageWriter:
+    """Verifies, decompresses and stores received page batches in a worker
+    thread, so that the next frame is received while the last one is
+    written (crc32, zstd and pwrite release the GIL).  Each batch's data is
+    a view into its own frame buffer, so nothing is copied to hand it over.
+    A failure surfaces in the receiving thread at the next submit() or
+    drain(); later batches are then dropped."""
+
+    DEPTH = 4  # batches in flight: at most DEPTH frames (2 MiB each) held
+
+    def __init__(self, page_size: int, limits):
+        self.page_size = page_size
+        self.limits = limits
+        self._q: queue.Queue = queue.Queue(self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="migrator-store",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    store, batch = item
+                    data = memoryview(decode_pages(batch, self.page_size, self.limits))
+                    off = 0
+                    for addr, n in batch.runs:
+                        size = n * store.page_size
+                        store.put(addr, data[off:off + size])
+                        off += size
+            except BaseException as e:  # noqa: BLE001 - raised in the receiver
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, store: PageStore, batch: PageBatch) -> None:
+        self._check()
+        self._q.put((store, batch))
+
+    def drain(self) -> None:
+        """Wait until every submitted batch is stored (or one failed)."""
+        self._q.join()
+        self._check()
+
+    def close(self) -> None:
+        """Stop the worker once it has finished what it holds."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
 
 
 class Session:
@@ -52,6 +111,7 @@ class Session:
         self.emit = emit
         self.dir: str | None = None
         self.stores: dict[int, PageStore] = {}
+        self.writer: PageWriter | None = None
         self.files: dict[str, object] = {}
         self.restored: int | None = None
         self.awaiting_commit = False  # restored, stopped, Commit not yet seen
@@ -66,6 +126,7 @@ class Session:
         self.dir = os.path.join(self.base, start.migration_id)
         os.makedirs(os.path.join(self.dir, "store"))
         os.makedirs(self.images_dir)
+        self.writer = PageWriter(start.page_size, self.channel.conn.limits)
         for p in start.processes:
             self.stores[p.pid] = PageStore(
                 os.path.join(self.dir, "store", f"pages-{p.pid}.store"),
@@ -83,13 +144,14 @@ class Session:
                 if isinstance(ev, StartMigration):
                     self._begin(ev)
                 elif isinstance(ev, PageBatch):
-                    self._pages(ev)
+                    self.writer.submit(self.stores[ev.pid], ev)
                 elif isinstance(ev, Images):
                     self._image(ev)
                 elif isinstance(ev, SwitchOver):
                     self.emit({"event": "switchover", "round": ev.round,
                                "reason": ev.reason})
                 elif isinstance(ev, RoundEnd):
+                    self.writer.drain()  # the round's pages are all stored
                     if ch.conn.state is State.RESTORING:
                         self._restore()
                     else:
@@ -108,22 +170,19 @@ class Session:
                 elif isinstance(ev, ConnectionClosed):
                     raise ProtocolError("source closed the connection")
         except BaseException as e:
+            self._stop_writer()  # nothing writes into the stores they remove
             self._fail(e)
             raise
         finally:
+            self._stop_writer()
             for f in self.files.values():
                 f.close()
             for s in self.stores.values():
                 s.close()
 
-    def _pages(self, batch: PageBatch) -> None:
-        data = memoryview(self.channel.conn.pages(batch))
-        store = self.stores[batch.pid]
-        off = 0
-        for addr, n in batch.runs:
-            size = n * store.page_size
-            store.put(addr, data[off:off + size])
-            off += size
+    def _stop_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def _image(self, chunk: Images) -> None:
         # Names were checked by the protocol (a bare name, no path); refuse
