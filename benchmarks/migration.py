@@ -60,7 +60,7 @@ ROUND_HEADER = ("data     method            MiB    wire-MiB   sec-med   sec-min 
                 "MiB/s-med  vs-floor  vs-criu  setup-ms")
 DOWN_HEADER = ("method           downtime-ms-med  downtime-ms-min  total-ms-med  "
                "rounds  sent-MiB  verify")
-BREAK_HEADER = "migrator breakdown (ms, median)  " + "  ".join(
+BREAK_HEADER = "breakdown (ms, median)            " + "  ".join(
     ("dump", "last_collect", "delta_send", "restore", "commit", "delta_pages"))
 RSS_HEADER = "process              VmHWM-MiB-max  VmHWM-MiB-med  target"
 
@@ -420,14 +420,14 @@ def part1(a, mib, repeats, level, results, profile_dir):
 
 
 # ------------------------------------------------------------------ part 2
-def migrator_live(src, dst, d):
+def migrator_live(src, dst, d, *recv_extra):
     """migrator recv on dst, migrator send of d on src."""
     to = src.peers[dst.name]
     dst.run(f"rm -rf {STORE}", check=False)
     rlog = dst.dir / "logs" / f"recv2-{time.monotonic_ns()}.log"
     slog = src.dir / "logs" / f"send2-{time.monotonic_ns()}.log"
     rsvc = dst.spawn(helper("cli", "recv", "--listen", f"{to}:{PORT}", "--dir", STORE,
-                            "--insecure", "--once", "--json"), log=rlog)
+                            "--insecure", "--once", "--json", *recv_extra), log=rlog)
     ssvc = None
     peak = {"send": 0, "recv": 0}
     try:
@@ -496,46 +496,53 @@ def stop_and_copy(src, dst, d):
             "restore_ms": (t3 - t2) * 1000, "sent": copied}
 
 
+# part 2's methods: name -> extra arguments of `migrator recv` (None:
+# stop-and-copy)
+METHODS = {"migrator": (), "stop-and-copy": None,
+           "migrator lazy": ("--lazy-restore",)}
+
+
 def part2(a, b, mib, rate, mbit, repeats, results):
     from tests.beds import net
     net.shape(a, a.ifnames["b"], rate_mbit=mbit)
     net.shape(b, b.ifnames["a"], rate_mbit=mbit)
     d = Dirtier(a, "p2", mib, rate, "random")
-    mig, sc, verdicts = [], [], []
+    runs: dict[str, list] = {m: [] for m in METHODS}
+    here, there = a, b
     try:
         for rep in range(repeats):
-            # Alternate which method goes first, so that neither always
-            # runs on the machine the other has just left (see the README).
-            here, there = a, b  # the workload starts each repeat on A
-            order = ("migrator", "stop-and-copy") if rep % 2 == 0 else \
-                    ("stop-and-copy", "migrator")
-            for method in order:
+            # Each move takes the workload to the other node; which method
+            # goes first rotates, so that none always runs on the machine
+            # another has just left (see the README).
+            names = list(METHODS)
+            for method in names[rep % 3:] + names[:rep % 3]:
                 src, dst = here, there
                 way = f"{src.name.upper()}->{dst.name.upper()}"
-                if method == "migrator":
-                    m = migrator_live(src, dst, d)
-                    m["verify"] = d.verify(dst)
-                    mig.append(m)
-                    log(f"  [rep {rep + 1}] migrator {way} downtime {m['downtime_ms']:.0f} ms, "
-                        f"total {m['total_ms']:.0f} ms, rounds {m['round_pages']}, "
-                        f"verify {m['verify']}")
-                    verdicts.append(m["verify"])
-                else:
+                if METHODS[method] is None:
                     x = stop_and_copy(src, dst, d)
                     x["verify"] = d.verify(dst)
-                    sc.append(x)
-                    log(f"  [rep {rep + 1}] stop-and-copy {way} downtime "
+                    log(f"  [rep {rep + 1}] {method} {way} downtime "
                         f"{x['downtime_ms']:.0f} ms (dump {x['dump_ms']:.0f}, copy "
                         f"{x['copy_ms']:.0f}, restore {x['restore_ms']:.0f}), "
                         f"verify {x['verify']}")
-                    verdicts.append(x["verify"])
+                else:
+                    x = migrator_live(src, dst, d, *METHODS[method])
+                    x["verify"] = d.verify(dst)
+                    log(f"  [rep {rep + 1}] {method} {way} downtime "
+                        f"{x['downtime_ms']:.0f} ms, total {x['total_ms']:.0f} ms, "
+                        f"rounds {x['round_pages']}, dump "
+                        f"{x['breakdown']['dump_ms']:.0f}, restore "
+                        f"{x['breakdown']['restore_ms']:.0f}, verify {x['verify']}")
+                runs[method].append(x)
                 here, there = there, here
     finally:
         d.kill(a, b)
         net.shape(a, a.ifnames["b"])
         net.shape(b, b.ifnames["a"])
-    results["downtime"] = {"migrator": mig, "stop_and_copy": sc}
-    return mig, sc
+    results["downtime"] = {"migrator": runs["migrator"],
+                           "stop_and_copy": runs["stop-and-copy"],
+                           "migrator_lazy": runs["migrator lazy"]}
+    return runs
 
 
 # ------------------------------------------------------------------ report
@@ -576,13 +583,14 @@ def report(results, args, out):
         p(f"  workload verified after part 1: {', '.join(sorted({r['verify_after'] for r in rows}))}")
     dt = results.get("downtime")
     if dt:
-        mig, sc = dt["migrator"], dt["stop_and_copy"]
+        mig, sc, lazy = dt["migrator"], dt["stop_and_copy"], dt["migrator_lazy"]
         p()
         p(f"2. downtime, {args.size_mib} MiB dirtying {args.rate_mib} MiB/s, veth "
-          f"shaped to {args.link_mbit} Mbit/s both ways (A->B and back; which "
-          "method goes first alternates)")
+          f"shaped to {args.link_mbit} Mbit/s both ways (each move to the other "
+          "node; which method goes first rotates)")
         p(DOWN_HEADER)
-        for name, xs in (("migrator", mig), ("stop-and-copy", sc)):
+        for name, xs in (("migrator", mig), ("stop-and-copy", sc),
+                         ("migrator lazy", lazy)):
             p(f"{name:<16} {med([x['downtime_ms'] for x in xs]):16.0f} "
               f"{min(x['downtime_ms'] for x in xs):16.0f} "
               f"{med([x['total_ms'] for x in xs]):13.0f} "
@@ -592,22 +600,24 @@ def report(results, args, out):
         keys = ("dump_ms", "last_collect_ms", "delta_send_ms", "restore_ms",
                 "commit_ms", "delta_pages")
         p(BREAK_HEADER)
-        p("                                 " + "  ".join(
-            f"{med([x['breakdown'][k] for x in mig]):>{len(k) - 3 if k != 'delta_pages' else 11}.0f}"
-            for k in keys))
-        split = [k for k in ("rebuild_ms", "criu_restore_ms")
-                 if all(k in x['breakdown'] for x in mig)]
-        if split:
-            p("  restore at the destination (ms, median): " + ", ".join(
-                f"{k[:-3]} {med([x['breakdown'][k] for x in mig]):.0f}" for k in split))
+        for name, xs in (("migrator", mig), ("migrator lazy", lazy)):
+            p(f"{name:<33}" + "  ".join(
+                f"{med([x['breakdown'][k] for x in xs]):>{len(k) - 3 if k != 'delta_pages' else 11}.0f}"
+                for k in keys))
+            split = [k for k in ("rebuild_ms", "criu_restore_ms")
+                     if all(k in x['breakdown'] for x in xs)]
+            if split:
+                p("  restore at the destination: " + ", ".join(
+                    f"{k[:-3]} {med([x['breakdown'][k] for x in xs]):.0f}" for k in split))
         p(f"  migrator pages per round (each repeat): "
           f"{'; '.join(str(x['round_pages']) for x in mig)}")
         p(f"  stop-and-copy parts (ms, median): dump "
           f"{med([x['dump_ms'] for x in sc]):.0f}, copy {med([x['copy_ms'] for x in sc]):.0f}, "
           f"restore {med([x['restore_ms'] for x in sc]):.0f}")
-        ratio = med([x['downtime_ms'] for x in mig]) / med([x['downtime_ms'] for x in sc])
-        p(f"  target downtime <= {DOWNTIME_TARGET}x stop-and-copy: "
-          f"{'met' if ratio <= DOWNTIME_TARGET else 'MISSED'} ({ratio:.3f}x)")
+        for name, xs in (("migrator", mig), ("migrator lazy", lazy)):
+            ratio = med([x['downtime_ms'] for x in xs]) / med([x['downtime_ms'] for x in sc])
+            p(f"  target downtime <= {DOWNTIME_TARGET}x stop-and-copy, {name}: "
+              f"{'met' if ratio <= DOWNTIME_TARGET else 'MISSED'} ({ratio:.3f}x)")
         p()
         p(f"3. peak RSS (VmHWM) while migrating {args.size_mib} MiB (part 2's runs)")
         p(RSS_HEADER)

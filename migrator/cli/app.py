@@ -221,6 +221,12 @@ def recv(
         "--timeout", min=0.1, help="Seconds of peer silence that end a migration.")] = 60,
     psk_file: PskFile = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
     tls_ca: TlsCa = None, insecure: Insecure = False,
+    lazy_restore: Annotated[bool, typer.Option(
+        "--lazy-restore",
+        help="Process trees: resume before their memory is copied in; CRIU's "
+             "lazy-pages daemon fills it from the page store meanwhile. Shorter "
+             "downtime; if that daemon dies in those seconds, the tree is "
+             "killed.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
 ):
     """Receive and restore migrations, one after another, until stopped."""
@@ -230,7 +236,7 @@ def recv(
         failures = serve(listen, dir, _auth(psk_file, tls_cert, tls_key, tls_ca,
                                             insecure),
                          _Progress(as_json), once=once, timeout=timeout,
-                         parallel=parallel)
+                         parallel=parallel, lazy=lazy_restore)
         if once and failures:
             raise SystemExit(exits.MIGRATION)
 

@@ -83,14 +83,14 @@ def _run(phase: str, args: Sequence[str], timeout: Optional[float],
         # short leaves its tasks detached from ptrace and running; the
         # caller still owns the decision to resume or kill them.
         raise CriuError(phase, f"timed out after {timeout}s"
-                        + _quote(log, e.stderr), log) from None
+                        + quote_errors(log, e.stderr), log) from None
     if res.returncode != 0:
         raise CriuError(phase, f"exit status {res.returncode}"
-                        + _quote(log, res.stderr), log, res.returncode)
+                        + quote_errors(log, res.stderr), log, res.returncode)
     return res
 
 
-def _quote(log: Optional[str], stderr) -> str:
+def quote_errors(log: Optional[str], stderr) -> str:
     """CRIU's error lines from the log (else the tail of its stderr)."""
     if isinstance(stderr, bytes):
         stderr = stderr.decode(errors="replace")

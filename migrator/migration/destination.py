@@ -31,6 +31,7 @@ import time
 from typing import Callable
 
 from migrator.criu import images, runner
+from migrator.criu.lazy import LazyPages
 from migrator.migration import levels, workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
@@ -105,7 +106,11 @@ class PageWriter:
 
 
 class Session:
-    def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None]):
+    def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None],
+                 lazy: bool = False, lazy_timeout: float = 600.0):
+        self.lazy = lazy  # restore with CRIU's lazy-pages daemon (criu/lazy.py)
+        self.lazy_timeout = lazy_timeout
+        self.lazy_pages: LazyPages | None = None
         self.base = base
         self.channel = channel
         self.emit = emit
@@ -160,8 +165,10 @@ class Session:
                 elif isinstance(ev, Commit):
                     self.awaiting_commit = False
                     workload.resume_restored(self.images_dir, self.restored)
-                    self._forget_state()
                     log.info("committed: restored tree %d resumed", self.restored)
+                    if self.lazy_pages is not None:
+                        self._finish_lazy()
+                    self._forget_state()
                     return {"event": "done", "migration": self.id,
                             "pid": self.restored}
                 elif isinstance(ev, (Abort, Error)):
@@ -184,6 +191,20 @@ class Session:
         if self.writer is not None:
             self.writer.close()
 
+    def _finish_lazy(self) -> None:
+        """Wait until the daemon has put every page into the resumed tree.
+        If it fails, pages it had not copied would read as zeroes: the tree
+        is killed (by _fail) rather than left running on wrong memory."""
+        t0 = time.monotonic()
+        try:
+            self.lazy_pages.wait(self.lazy_timeout)
+        except runner.CriuError as e:
+            raise RuntimeError(f"lazy restore failed after the hand-over ({e}); the "
+                               f"restored tree {self.restored} lacked memory and was "
+                               "killed") from e
+        log.info("lazy restore: every page in %.1f s after the resume",
+                 time.monotonic() - t0)
+
     def _image(self, chunk: Images) -> None:
         # Names were checked by the protocol (a bare name, no path); refuse
         # dot files too, which are our own temporaries.
@@ -203,7 +224,9 @@ class Session:
             t0 = time.monotonic()
             self._prepare_pages()
             t1 = time.monotonic()
-            self.restored = workload.restore(self.images_dir)
+            if self.lazy:
+                self.lazy_pages = LazyPages.start(self.images_dir)
+            self.restored = workload.restore(self.images_dir, lazy=self.lazy)
         except Exception as e:  # noqa: BLE001 - reported to the source
             msg = str(e) or type(e).__name__
             log.error("restore failed: %s", msg)
@@ -222,8 +245,10 @@ class Session:
 
     def _prepare_pages(self) -> None:
         # Every page of the last dump is in the stores by now (the delta
-        # too): CRIU reads them there through parent images, no copy.
-        prepared = levels.prepare(self.images_dir, self.stores)
+        # too): CRIU reads them there through parent images, no copy; a
+        # lazy restore needs them copied into the dump (levels.prepare).
+        prepared = levels.prepare(self.images_dir, self.stores,
+                                  max_levels=0 if self.lazy else None)
         log.info("pages for CRIU: %d from the stores in %d levels, %d copied",
                  prepared.parent_pages, prepared.levels, prepared.copied_pages)
 
@@ -254,6 +279,8 @@ class Session:
             return
         if self.restored is not None:
             workload.kill_tree(self.restored)
+        if self.lazy_pages is not None:
+            self.lazy_pages.kill()
         if self.dir:
             _remove_migration(self.dir)
 
@@ -268,7 +295,7 @@ def _remove_migration(d: str) -> None:
 
 
 def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
-               live: set) -> bool:
+               live: set, lazy: bool) -> bool:
     """One migration on an accepted socket; True if it succeeded."""
     try:
         if auth.tls:
@@ -277,7 +304,7 @@ def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
         channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
                           timeout=timeout)
         channel.handshake()
-        emit(Session(base, channel, emit).run())
+        emit(Session(base, channel, emit, lazy=lazy).run())
         return True
     except (ProtocolError, TransportError, OSError, runner.CriuError,
             RuntimeError, ValueError, images.ImageError) as e:
@@ -293,7 +320,8 @@ def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
 
 
 def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
-          once: bool = False, timeout: float = 60.0, parallel: int = 4) -> int:
+          once: bool = False, timeout: float = 60.0, parallel: int = 4,
+          lazy: bool = False) -> int:
     """Accept migrations until stopped, up to `parallel` at once (each in
     its own directory), or exactly one with `once`.  Returns the number
     that failed.  On Ctrl-C / SIGTERM every migration in progress is cut
@@ -316,12 +344,12 @@ def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
         say({"event": "listening", "address": listen})
         if once:
             sock, peer = srv.accept()
-            return 0 if _serve_one(sock, peer, base, auth, say, timeout, live) else 1
+            return 0 if _serve_one(sock, peer, base, auth, say, timeout, live, lazy) else 1
 
         def work(sock, peer):
             nonlocal failures
             try:
-                if not _serve_one(sock, peer, base, auth, say, timeout, live):
+                if not _serve_one(sock, peer, base, auth, say, timeout, live, lazy):
                     with lock:
                         failures += 1
             finally:

@@ -102,7 +102,10 @@ def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
                 f"({missing.npages()} pages, first at {next(iter(missing))[0]:#x})")
         for vaddr, n, seg in store.segment_runs(e.vaddr, e.npages):
             if seg < nlevels:
-                _append(entries, _entry(e, vaddr, n, PE_PARENT), psize)
+                # PE_LAZY stays: a lazy restore (criu/lazy.py) leaves these
+                # pages to its daemon, which reads them through the parents.
+                flags = PE_PARENT | (e.effective_flags & PE_LAZY)
+                _append(entries, _entry(e, vaddr, n, flags), psize)
                 out.parent_pages += n
             else:
                 flags = PE_PRESENT | (e.effective_flags & PE_LAZY)
@@ -146,20 +149,26 @@ def _write_level(level_dir: str, k: int, pid: int, store: PageStore,
                       images.encode_pagemap(pm))
 
 
-def prepare(images_dir: str, stores: dict[int, PageStore]) -> Prepared:
+def prepare(images_dir: str, stores: dict[int, PageStore],
+            max_levels: int | None = None) -> Prepared:
     """Make the final dump in images_dir read its pages from the stores.
 
     stores: checkpoint pid -> store, for the processes whose pagemap is in
     images_dir (others keep the pages image that came with the dump).  The
     levels go to images_dir/levels, which must be on the stores'
     filesystem (hard links).  Links between levels are relative: CRIU
-    follows them from inside a container, whose root is not ours."""
+    follows them from inside a container, whose root is not ours.
+    max_levels (default MAX_LEVELS) 0 copies every page into the dump's
+    own pages image: CRIU 4.2's lazy-pages daemon never completes a read
+    that goes to a parent (its parent page-read has no io_complete)."""
+    if max_levels is None:
+        max_levels = MAX_LEVELS
     out = Prepared()
     pids = [pid for pid in sorted(stores)
             if os.path.exists(os.path.join(images_dir, f"pagemap-{pid}.img"))]
     if os.path.lexists(os.path.join(images_dir, PARENT_LINK)):
         raise RuntimeError(f"{images_dir} already has a parent link")
-    out.levels = min(MAX_LEVELS, max((len(stores[p].segments()) for p in pids), default=0))
+    out.levels = min(max_levels, max((len(stores[p].segments()) for p in pids), default=0))
     for pid in pids:
         _rewrite_final(images_dir, pid, stores[pid], out.levels, out)
     if out.levels == 0:

@@ -115,10 +115,11 @@ def read_manifest(images_dir: str) -> dict:
 Restorer = Callable[[str, dict], int]
 
 
-def _restore_process(images_dir: str, manifest: dict) -> int:
+def _restore_process(images_dir: str, manifest: dict, lazy: bool = False) -> int:
     return runner.restore(images_dir, detached=True, leave_stopped=True,
                           shell_job=bool(manifest.get("shell_job")),
-                          tcp_established=bool(manifest.get("tcp_established")))
+                          tcp_established=bool(manifest.get("tcp_established")),
+                          extra=["--lazy-pages"] if lazy else ())
 
 
 RESTORERS: dict[str, Restorer] = {"process": _restore_process}
@@ -136,9 +137,16 @@ def _load_kinds(kind: str) -> None:
         import migrator.runtime  # noqa: F401
 
 
-def restore(images_dir: str) -> int:
+def restore(images_dir: str, lazy: bool = False) -> int:
+    """Restore the tree in images_dir, stopped; with `lazy`, its memory is
+    left to a lazy-pages daemon the caller started (criu/lazy.py)."""
     m = read_manifest(images_dir)
     _load_kinds(m["kind"])
+    if lazy:
+        if m["kind"] != "process":
+            raise ValueError(f"lazy restore covers process trees; this is a "
+                             f"{m['kind']!r} workload")
+        return _restore_process(images_dir, m, lazy=True)
     fn = RESTORERS.get(m["kind"])
     if fn is None:
         raise ValueError(f"this node cannot restore a {m['kind']!r} workload")

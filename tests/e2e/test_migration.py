@@ -98,8 +98,8 @@ def send(node, pid, to, *extra, timeout=180):
     return r, events
 
 
-def migrate(src, dst, w, *extra):
-    svc, log = receiver(dst, src.peers[dst.name], "--insecure")
+def migrate(src, dst, w, *extra, recv_extra=()):
+    svc, log = receiver(dst, src.peers[dst.name], "--insecure", *recv_extra)
     before = w.last_tick()
     r, events = send(src, w.pid, src.peers[dst.name], "--insecure", *extra)
     svc.wait(timeout=30)
@@ -109,7 +109,7 @@ def migrate(src, dst, w, *extra):
     w.keeps_running(dst)
     assert not w.running_on(src), "the source copy still runs"
     assert w.last_tick() > before
-    return events
+    return events, open(log).read()
 
 
 @pytest.mark.parametrize("tracker", ["uffd-wp", "full"])
@@ -118,8 +118,8 @@ def test_round_trips(pair, tracker):
     w = Workload(a, f"trip-{tracker}", mib=16)
     try:
         for src, dst in ((a, b), (b, a), (a, b), (b, a)):
-            events = migrate(src, dst, w, "--tracker", tracker,
-                             "--bandwidth", "40", "--downtime-ms", "50")
+            events, _ = migrate(src, dst, w, "--tracker", tracker,
+                                "--bandwidth", "40", "--downtime-ms", "50")
             rounds = [e for e in events if e["event"] == "round"]
             done = events[-1]
             assert done["tracker"] == tracker
@@ -138,13 +138,35 @@ def test_round_trips(pair, tracker):
         w.stop(b)
 
 
+def test_lazy_restore_round_trip(pair):
+    """recv --lazy-restore: the tree resumes before its memory is in, CRIU's
+    lazy-pages daemon fills it from the page store (through the parent
+    levels) meanwhile, and the workload's check of its whole memory, every
+    tick, stays ok on both nodes."""
+    a, b = pair
+    w = Workload(a, "lazy", mib=32)
+    try:
+        for src, dst in ((a, b), (b, a)):
+            events, log = migrate(src, dst, w, "--bandwidth", "40", "--downtime-ms", "50",
+                                  recv_extra=("--lazy-restore",))
+            done = events[-1]
+            print(f"\n{src.name}->{dst.name} lazy: downtime {done['downtime_ms']} ms, "
+                  f"breakdown {done['breakdown_ms']}")
+            assert "lazy restore: every page in" in log, log[-2000:]
+            w.keeps_running(dst)
+        w.assert_healthy()
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
 def test_pre_copy_rounds_shrink_the_final_delta(pair):
     """With a slow link the workload dirties pages during round 1; later
     rounds send only those, and the frozen delta is a small part."""
     a, b = pair
     w = Workload(a, "rounds", mib=32, interval=0.02)
     try:
-        events = migrate(a, b, w, "--bandwidth", "16", "--downtime-ms", "20",
+        events, _ = migrate(a, b, w, "--bandwidth", "16", "--downtime-ms", "20",
                          "--compress", "off",
                          "--max-rounds", "6")
         rounds = [e for e in events if e["event"] == "round"]

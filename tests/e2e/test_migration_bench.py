@@ -17,7 +17,8 @@ SCRIPT = ROOT / "benchmarks" / "migration.py"
 pytestmark = pytest.mark.e2e
 
 HEADERS = ("data     method", "vs-floor", "vs-criu", "downtime-ms-med",
-           "migrator breakdown", "stop-and-copy", "VmHWM-MiB-max")
+           "breakdown (ms, median)", "stop-and-copy", "migrator lazy",
+           "VmHWM-MiB-max")
 
 
 def test_migration_bench_quick_runs_and_prints_its_tables(bed_image):

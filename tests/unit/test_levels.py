@@ -166,3 +166,22 @@ def test_an_existing_parent_link_is_refused(tmp_path):
         write_final_dump(img, 5, [])
         with pytest.raises(RuntimeError, match="already has a parent"):
             levels.prepare(img, {5: store})
+
+
+def test_no_levels_copies_every_page_into_the_dump(tmp_path):
+    """max_levels=0, as a lazy restore needs: no parent link, every page in
+    the dump's own pages image, still lazy."""
+    img = str(tmp_path / "images")
+    os.makedirs(img)
+    with PageStore(str(tmp_path / "store")) as store:
+        addrs = [4 * BLOCK, 2 * BLOCK]
+        for a in addrs:
+            store.put(a, page(a))
+        write_final_dump(img, 9, sorted((a, 1) for a in addrs))
+        got = levels.prepare(img, {9: store}, max_levels=0)
+    assert (got.levels, got.parent_pages, got.copied_pages) == (0, 0, 2)
+    assert not os.path.lexists(os.path.join(img, "parent"))
+    for a in addrs:
+        assert read_page(img, 9, a) == page(a)
+    assert all(e.effective_flags == I.PE_PRESENT | I.PE_LAZY
+               for e in I.read_pagemap(img, 9).entries)
