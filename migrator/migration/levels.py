@@ -102,8 +102,8 @@ def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
                 f"({missing.npages()} pages, first at {next(iter(missing))[0]:#x})")
         for vaddr, n, seg in store.segment_runs(e.vaddr, e.npages):
             if seg < nlevels:
-                # PE_LAZY stays: a lazy restore (criu/lazy.py) leaves these
-                # pages to its daemon, which reads them through the parents.
+                # PE_LAZY is kept as CRIU wrote it; a plain restore ignores
+                # it (a lazy one uses no levels: see prepare).
                 flags = PE_PARENT | (e.effective_flags & PE_LAZY)
                 _append(entries, _entry(e, vaddr, n, flags), psize)
                 out.parent_pages += n
