@@ -145,21 +145,15 @@ class PageStore:
         the runs that were not held."""
         ps = self.page_size
         out = bytearray(npages * ps)
-        missing = []
         for block, first, n, off in self._pieces(addr, npages * ps):
-            held = self._held.get(block)
-            if held is None:
-                missing.append((addr + off, addr + off + n * ps))
+            if block not in self._where:
                 continue
+            # Pages of a placed block that were never put are holes of
+            # the sparse file, or lie past its end (a short read into the
+            # zeroed buffer): either way they read as zeroes.
             fd, pos = self._at(block, first)
-            got = os.preadv(fd, [memoryview(out)[off:off + n * ps]], pos)
-            if got < n * ps:  # beyond the file's end: sparse zeroes
-                out[off + got:off + n * ps] = bytes(n * ps - got)
-            for i in range(n):
-                if not held[first + i]:
-                    a = addr + off + i * ps
-                    missing.append((a, a + ps))
-        return bytes(out), RangeList(missing)
+            os.preadv(fd, [memoryview(out)[off:off + n * ps]], pos)
+        return bytes(out), self.check_held(addr, npages)
 
     def check_held(self, addr: int, npages: int) -> RangeList:
         """The runs of [addr, addr + npages pages) that are not held
