@@ -84,9 +84,10 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
-                   out: Prepared) -> None:
+                   out: Prepared) -> str:
     """Point the present runs of pid's final pagemap to the parent levels;
-    copy what lies beyond them into its own pages image."""
+    copy what lies beyond them into its own pages image.  Returns the
+    dump's byte order, which the levels' pagemaps keep."""
     pm = images.read_pagemap(images_dir, pid)
     psize = store.page_size
     entries: list[PagemapEntry] = []
@@ -126,6 +127,7 @@ def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
     new = Pagemap(pm.pages_id, entries, pm.byteorder, pm.head_unknown)
     _write_atomically(os.path.join(images_dir, f"pagemap-{pid}.img"),
                       images.encode_pagemap(new))
+    return pm.byteorder
 
 
 def _write_level(level_dir: str, k: int, pid: int, store: PageStore,
@@ -169,11 +171,10 @@ def prepare(images_dir: str, stores: dict[int, PageStore],
     if os.path.lexists(os.path.join(images_dir, PARENT_LINK)):
         raise RuntimeError(f"{images_dir} already has a parent link")
     out.levels = min(max_levels, max((len(stores[p].segments()) for p in pids), default=0))
-    for pid in pids:
-        _rewrite_final(images_dir, pid, stores[pid], out.levels, out)
+    byteorder = {pid: _rewrite_final(images_dir, pid, stores[pid], out.levels, out)
+                 for pid in pids}
     if out.levels == 0:
         return out
-    byteorder = {p: images.read_pagemap(images_dir, p).byteorder for p in pids}
     for k in range(1, out.levels + 1):
         level_dir = os.path.join(images_dir, LEVELS, f"level-{k}")
         os.makedirs(level_dir)
