@@ -36,7 +36,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.beds import waiting  # noqa: E402 (after the path set-up)
+from benchmarks.nodebench import (BenchError, events, log, read, run,  # noqa: E402
+                                  wait_for)  # (after the path set-up)
 
 NAME = "ctrbench"
 ADDRESS = "198.18.5.10"
@@ -139,47 +140,9 @@ globals()[sys.argv[1].replace("-", "_")](*sys.argv[2:])
 '''
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-
-
-def read(path) -> str:
-    try:
-        return pathlib.Path(path).read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def events(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.strip().startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-def wait_for(cond, timeout, what):
-    return waiting.wait_for(cond, timeout, what, interval=0.05, error=BenchError)
-
-
-def run(node, cmd, timeout=600, check=True):
-    r = node.run(cmd, check=False, timeout=timeout)
-    if check and r.returncode != 0:
-        raise BenchError(f"{node.name}: {cmd if isinstance(cmd, str) else ' '.join(cmd)}"
-                         f" exited {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
-    return r
 
 
 def helper(*args) -> list[str]:
