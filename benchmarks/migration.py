@@ -477,7 +477,7 @@ def part2(a, b, mib, rate, mbit, repeats, results):
             # goes first rotates, so that none always runs on the machine
             # another has just left (see the README).
             names = list(METHODS)
-            first = rep % 3
+            first = rep % len(names)
             for method in names[first:] + names[:first]:
                 src, dst = here, there
                 way = f"{src.name.upper()}->{dst.name.upper()}"
