@@ -37,7 +37,6 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,8 +48,8 @@ from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.migration.workload import ProcessTree, Workload, write_manifest
-from migrator.protocol.frames import (Abort, Commit, Images, PageBatch,
-                                      PageEncoder, Process, ProtocolError,
+from migrator.protocol.frames import (Abort, Commit, Images, PageEncoder,
+                                      Process, ProtocolError,
                                       RestoreResult, RoundEnd, StartMigration,
                                       SwitchOver)
 from migrator.ranges import PAGE_SIZE, RangeList
@@ -352,11 +351,8 @@ class Source:
                             pass
                     rl = RangeList(runs)
                     data, gone = read_ranges(pid, rl, buf)
-                    crc = zlib.crc32(data)
-                    codec, payload = self.encoder.encode(data)
-                    batch = PageBatch(self.ckpt[pid],
-                                      [(s, (e - s) // PAGE_SIZE) for s, e in runs],
-                                      codec, payload, crc)
+                    batch = self.encoder.batch(
+                        self.ckpt[pid], [(s, (e - s) // PAGE_SIZE) for s, e in runs], data)
                     if not put((rl, gone, batch, buf)):
                         return
                 put(done)
@@ -447,8 +443,8 @@ class Source:
                 continue  # not announced: its pages travel as image files
             clean = self.clean[pid]
             before = total
-            path = os.path.join(self.dump_dir,
-                                images.read_pagemap(self.dump_dir, pid).pages_name)
+            pm = images.read_pagemap(self.dump_dir, pid)
+            path = os.path.join(self.dump_dir, pm.pages_name)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 pending: list[tuple[int, int, int]] = []   # (addr, npages, offset)
@@ -466,10 +462,8 @@ class Source:
                         if got != want:
                             raise images.ImageError(f"{path}: short read at {off}")
                         pos += want
-                    data = view[:pos]
-                    codec, payload = self.encoder.encode(data)
-                    self.channel.send(PageBatch(pid, [(a, n) for a, n, _ in pending],
-                                                codec, payload, zlib.crc32(data)))
+                    self.channel.send(self.encoder.batch(
+                        pid, [(a, n) for a, n, _ in pending], view[:pos]))
                     pending, count = [], 0
 
                 for vaddr, n, off in images.iter_pages(
@@ -489,8 +483,7 @@ class Source:
                 flush()
             finally:
                 os.close(fd)
-            dumped = sum(n for _, n in images.dumped_runs(
-                images.read_pagemap(self.dump_dir, pid)))
+            dumped = sum(n for _, n in images.dumped_runs(pm))
             log.info("pid %d: %d of %d dumped pages cross in the final step "
                      "(%d pages known clean)", pid, total - before, dumped,
                      clean.npages())

@@ -945,6 +945,12 @@ class PageEncoder:
         self._probe = False
         return "zstd", out
 
+    def batch(self, pid: int, runs, data) -> PageBatch:
+        """A PageBatch for pages `data` (back to back, in `runs` order),
+        encoded by this stream; like make_page_batch."""
+        codec, payload = self.encode(data)
+        return PageBatch(pid, runs, codec, payload, zlib.crc32(data))
+
 
 def make_page_batch(pid: int, runs, data: bytes, level: int | None = 3) -> PageBatch:
     """A PageBatch for pages `data` (back to back, in `runs` order)."""

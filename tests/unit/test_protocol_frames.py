@@ -400,3 +400,11 @@ def test_page_encoder_skips_random_data():
         assert enc.encode(zeros)[0] == "raw"
     codec, payload = enc.encode(zeros)
     assert codec == "zstd" and len(payload) < 1000
+
+
+def test_page_encoder_batch_decodes_to_its_pages():
+    enc = frames.PageEncoder(3)
+    data = bytes(PS) + os.urandom(PS)
+    batch = enc.batch(9, [(0x1000, 1), (0x5000, 1)], memoryview(data))
+    assert (batch.pid, batch.runs, batch.codec) == (9, ((0x1000, 1), (0x5000, 1)), "zstd")
+    assert decode_pages(batch, PS) == data
