@@ -648,6 +648,15 @@ _BIN_SIZES = {0xc4: 1, 0xc5: 2, 0xc6: 4}
 _STR_SIZES = {0xd9: 1, 0xda: 2, 0xdb: 4}
 
 
+def _read_len(body, off: int, sizes: dict) -> tuple[int, int] | None:
+    """(length, offset after the header) of the msgpack bin/str header at
+    `off` whose type byte is one of `sizes`, else None."""
+    n_size = sizes.get(body[off])
+    if n_size is None:
+        return None
+    return int.from_bytes(body[off + 1:off + 1 + n_size], "big"), off + 1 + n_size
+
+
 def _fast_page_batch(body, limits: Limits, page_size):
     """(seq, PageBatch) whose data is a view into `body` (no copy of the
     pages), or None when the body is not laid out the usual way; the
@@ -659,31 +668,24 @@ def _fast_page_batch(body, limits: Limits, page_size):
         _, off = _read_uint(body, 1, "type")
         seq, off = _read_uint(body, off, "seq")
         pid, off = _read_uint(body, off, "pid")
-        n_size = _BIN_SIZES.get(body[off])
-        if n_size is None:
+        if (got := _read_len(body, off, _BIN_SIZES)) is None:
             return None
-        n = int.from_bytes(body[off + 1:off + 1 + n_size], "big")
-        off += 1 + n_size
+        n, off = got
         runs = bytes(body[off:off + n])
         off += n
-        b = body[off]
-        if 0xa0 <= b <= 0xbf:
-            n, off = b - 0xa0, off + 1
-        elif b in _STR_SIZES:
-            k = _STR_SIZES[b]
-            n = int.from_bytes(body[off + 1:off + 1 + k], "big")
-            off += 1 + k
+        if 0xa0 <= body[off] <= 0xbf:   # fixstr
+            n, off = body[off] - 0xa0, off + 1
+        elif (got := _read_len(body, off, _STR_SIZES)) is not None:
+            n, off = got
         else:
             return None
         if n > max(limits.max_string, limits.max_name):
             return None
         codec = str(body[off:off + n], "utf-8")
         off += n
-        n_size = _BIN_SIZES.get(body[off])
-        if n_size is None:
+        if (got := _read_len(body, off, _BIN_SIZES)) is None:
             return None
-        n = int.from_bytes(body[off + 1:off + 1 + n_size], "big")
-        off += 1 + n_size
+        n, off = got
         data = memoryview(body)[off:off + n]
         off += n
         checksum, off = _read_uint(body, off, "checksum")
