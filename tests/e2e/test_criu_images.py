@@ -56,7 +56,7 @@ while True:
 # Runs in node A: dump PID into ROOT/images with the runner (left
 # stopped), keep a copy of CRIU's dump, read the dumped runs from the
 # stopped process with process_vm_readv into a page store in an order that
-# makes three segments, and let levels.prepare (at most two levels) turn
+# makes exactly three segments, and let levels.prepare (at most two levels) turn
 # the dump into one that reads its pages from the store: two segments as
 # parent levels, the third copied into the dump's own pages image.
 DUMP_AND_PREPARE = r"""
@@ -76,13 +76,21 @@ shutil.copytree(d, d + ".criu")
 runs = images.dumped_runs(images.read_pagemap(d, pid))
 ranges = RangeList((v, v + n * PAGE) for v, n in runs)
 mem, gone = read_ranges(pid, ranges)
-pieces, off = [], 0
+# Cut the address space at two 2 MiB block boundaries into three parts
+# that share no block; put the top part, then the middle, then the bottom:
+# each starts below the last, so each opens a segment.
+BLOCK = 2 << 20
+blocks = sorted({a - a % BLOCK for s, e in ranges for a in range(s - s % BLOCK, e, BLOCK)})
+cut1, cut2 = blocks[len(blocks) // 3], blocks[2 * len(blocks) // 3]
+parts, off = [[], [], []], 0
 for s, e in ranges:
-    pieces.append((s, mem[off:off + e - s])); off += e - s
+    for k, (lo, hi) in enumerate(((cut2, 1 << 64), (cut1, cut2), (0, cut1))):
+        a, b = max(s, lo), min(e, hi)
+        if a < b:
+            parts[k].append((a, mem[off + a - s:off + b - s]))
+    off += e - s
 store = PageStore(os.path.join(root, "store"))
-# the top third, then the middle, then the bottom: each lower than the last
-third = len(pieces) // 3
-for part in (pieces[2 * third:], pieces[third:2 * third], pieces[:third]):
+for part in parts:
     for addr, data in part:
         store.put(addr, data)
 levels.MAX_LEVELS = 2
