@@ -77,6 +77,24 @@ class RangeList:
         i = bisect.bisect_right(starts, addr) - 1
         return i >= 0 and addr < self._a[2 * i + 1]
 
+    def clip(self, start: int, end: int) -> "RangeList":
+        """The runs within [start, end), cut at its edges: a binary search
+        and a slice, for windows of a large list."""
+        a = self._a
+        if start >= end:
+            return RangeList()
+        # The flat array is strictly increasing: an odd insertion point
+        # falls inside a run, an even one between runs.
+        lo = bisect.bisect_right(a, start)
+        lo -= lo & 1
+        hi = bisect.bisect_left(a, end)
+        hi += hi & 1
+        out = a[lo:hi]
+        if out:
+            out[0] = max(out[0], start)
+            out[-1] = min(out[-1], end)
+        return RangeList.from_normalised(out)
+
     def pages(self) -> Iterator[int]:
         """Every page address, in order (for tests and small sets)."""
         for s, e in self:

@@ -309,6 +309,12 @@ def read_pagemap(dir: Union[str, os.PathLike], pid: int) -> Pagemap:
         return decode_pagemap(f.read(), path)
 
 
+def pagemap_pids(dir: Union[str, os.PathLike]) -> list[int]:
+    """The pids that have a pagemap-<pid>.img in `dir`, ascending."""
+    return sorted(int(m.group(1)) for m in map(_PAGEMAP_RE.match, os.listdir(dir))
+                  if m)
+
+
 def dumped_runs(pm: Pagemap) -> list[tuple[int, int]]:
     """(vaddr, npages) of the entries whose content is in pages-<id>.img
     (PE_PRESENT, whether or not PE_LAZY is also set; PE_PARENT-only and

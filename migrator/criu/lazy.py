@@ -4,10 +4,11 @@
 anonymous memory (the pagemap entries CRIU flags ``PE_LAZY``) and hands
 each restored process's userfaultfd to a ``criu lazy-pages`` daemon, which
 fills a page when the process first touches it and copies every other
-page in the background, reading them from the same image directory (and
-its parents); it exits once all pages are in.  Here both run on the
-destination, so no page waits for the network: the gain is that the
-restored tree runs before its memory has been copied into it.
+page in the background; it exits once all pages are in.  Here both run on
+the destination, and the daemon asks the receiver for the pages over
+CRIU's page-server protocol (criu/page_server.py StorePageServer), which
+reads them from the page stores: nothing is copied before the tree
+resumes, and no page waits for the network.
 
 The cost is a window of risk: until the daemon exits, part of the tree's
 memory exists only in the images.  If the daemon dies (killed, out of
@@ -40,19 +41,29 @@ class LazyPages:
         self.log = os.path.join(images_dir, LOG)
 
     @classmethod
-    def start(cls, images_dir: str, timeout: float = 10.0) -> "LazyPages":
+    def start(cls, images_dir: str, timeout: float = 10.0,
+              page_server=None) -> "LazyPages":
         """Start the daemon and wait until it listens (CRIU's restore
-        fails at once if the socket is not there)."""
+        fails at once if the socket is not there).  page_server: a
+        started StorePageServer to ask for the lazy pages; without one
+        the daemon reads them from the images."""
         images_dir = os.fspath(images_dir)
         argv = [criu_binary(), "lazy-pages", "-D", images_dir, "-W", images_dir,
                 "-o", LOG, f"-v{LOG_LEVEL}"]
+        if page_server is not None:
+            argv += page_server.criu_args()
         try:
-            # Output goes to the log only: the daemon may outlive us (a
-            # hand-over left undecided), and must not die on a closed pipe.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # Output goes to the log only: the daemon must not die on a
+            # closed pipe.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(page_server.criu_fd,) if page_server else ())
         except OSError as e:
             raise CriuError("lazy-pages", f"cannot run {argv[0]}: {e.strerror}") from e
+        finally:
+            if page_server is not None:
+                page_server.criu_started()
         daemon = cls(images_dir, proc)
         end = time.monotonic() + timeout
         sock = os.path.join(images_dir, SOCKET)

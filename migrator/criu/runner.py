@@ -71,11 +71,13 @@ def criu_binary() -> str:
 
 
 def _run(phase: str, args: Sequence[str], timeout: Optional[float],
-         log: Optional[str] = None) -> subprocess.CompletedProcess:
+         log: Optional[str] = None, pass_fds: Sequence[int] = ()
+         ) -> subprocess.CompletedProcess:
     argv = [criu_binary(), *args]
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                             text=True, errors="replace", timeout=timeout)
+                             text=True, errors="replace", timeout=timeout,
+                             pass_fds=tuple(pass_fds))
     except FileNotFoundError as e:
         raise CriuError(phase, f"cannot run {argv[0]}: {e.strerror}") from e
     except subprocess.TimeoutExpired as e:
@@ -136,10 +138,11 @@ def check(timeout: float = 60.0) -> str:
 def dump(pid: int, images_dir: PathLike, leave_stopped: bool = True,
          shell_job: bool = False, tcp_established: bool = False,
          extra: Iterable[str] = (), *, log_name: str = "dump.log",
-         log_level: int = LOG_LEVEL, timeout: Optional[float] = DEFAULT_TIMEOUT
-         ) -> str:
+         log_level: int = LOG_LEVEL, timeout: Optional[float] = DEFAULT_TIMEOUT,
+         pass_fds: Sequence[int] = ()) -> str:
     """Checkpoint the tree rooted at `pid` into `images_dir` (created if
-    missing).  Returns the log's path."""
+    missing).  Returns the log's path.  pass_fds: descriptors CRIU inherits
+    (a page server's socket named in `extra`)."""
     images_dir = os.fspath(images_dir)
     os.makedirs(images_dir, exist_ok=True)
     args = ["dump", "-t", str(pid), *_common(images_dir, log_name, log_level)]
@@ -151,7 +154,7 @@ def dump(pid: int, images_dir: PathLike, leave_stopped: bool = True,
         args.append("--tcp-established")
     args.extend(extra)
     log = os.path.join(images_dir, log_name)
-    _run("dump", args, timeout, log)
+    _run("dump", args, timeout, log, pass_fds)
     return log
 
 

@@ -32,6 +32,7 @@ from typing import Callable
 
 from migrator.criu import images, runner
 from migrator.criu.lazy import LazyPages
+from migrator.criu.page_server import PageServerError, StorePageServer
 from migrator.migration import levels, workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
@@ -111,6 +112,9 @@ class Session:
         self.lazy = lazy  # restore with CRIU's lazy-pages daemon (criu/lazy.py)
         self.lazy_timeout = lazy_timeout
         self.lazy_pages: LazyPages | None = None
+        self.lazy_server: StorePageServer | None = None
+        # asked now, not in the downtime
+        self.criu_version = runner.criu_version() if lazy else None
         self.base = base
         self.channel = channel
         self.emit = emit
@@ -182,6 +186,8 @@ class Session:
             raise
         finally:
             self._stop_writer()
+            if self.lazy_server is not None:
+                self.lazy_server.close()  # its daemon has ended by now
             for f in self.files.values():
                 f.close()
             for s in self.stores.values():
@@ -198,7 +204,8 @@ class Session:
         t0 = time.monotonic()
         try:
             self.lazy_pages.wait(self.lazy_timeout)
-        except runner.CriuError as e:
+            self.lazy_server.finish()
+        except (runner.CriuError, PageServerError) as e:
             raise RuntimeError(f"lazy restore failed after the hand-over ({e}); the "
                                f"restored tree {self.restored} lacked memory and was "
                                "killed") from e
@@ -225,7 +232,10 @@ class Session:
             self._prepare_pages()
             t1 = time.monotonic()
             if self.lazy:
-                self.lazy_pages = LazyPages.start(self.images_dir)
+                self.lazy_server = StorePageServer(self.stores, self.criu_version)
+                self.lazy_server.start()
+                self.lazy_pages = LazyPages.start(self.images_dir,
+                                                  page_server=self.lazy_server)
             self.restored = workload.restore(self.images_dir, lazy=self.lazy)
         except Exception as e:  # noqa: BLE001 - reported to the source
             msg = str(e) or type(e).__name__
@@ -245,12 +255,12 @@ class Session:
 
     def _prepare_pages(self) -> None:
         # Every page of the last dump is in the stores by now (the delta
-        # too): CRIU reads them there through parent images, no copy; a
-        # lazy restore needs them copied into the dump (levels.prepare).
-        prepared = levels.prepare(self.images_dir, self.stores,
-                                  max_levels=0 if self.lazy else None)
-        log.info("pages for CRIU: %d from the stores in %d levels, %d copied",
-                 prepared.parent_pages, prepared.levels, prepared.copied_pages)
+        # too): CRIU reads them there through parent images, or asks
+        # lazy_server for them; no copy.
+        prepared = levels.prepare(self.images_dir, self.stores, lazy=self.lazy)
+        log.info("pages for CRIU: %d from the stores in %d levels, %d lazy, "
+                 "%d copied", prepared.parent_pages, prepared.levels,
+                 prepared.lazy_pages, prepared.copied_pages)
 
     # -- the hand-over's state ----------------------------------------
     def _state_path(self) -> str:
@@ -274,6 +284,15 @@ class Session:
             log.error(msg)
             self.emit({"event": "undecided", "migration": self.id,
                        "pid": self.restored, "message": msg})
+            if self.lazy_pages is not None:
+                # The daemon reads from the stores through us: let it put
+                # every page into the stopped tree before they go.
+                try:
+                    self.lazy_pages.wait(self.lazy_timeout)
+                except runner.CriuError as e:
+                    log.error("lazy restore of the undecided tree %d failed (%s): "
+                              "its memory is incomplete, do not commit it",
+                              self.restored, e)
             for s in self.stores.values():
                 s.remove()
             return

@@ -50,6 +50,7 @@ class Prepared:
     levels: int = 0
     parent_pages: int = 0   # pages CRIU reads from the stores
     copied_pages: int = 0   # pages copied into a process's own pages image
+    lazy_pages: int = 0     # pages left to a lazy-pages daemon
 
 
 def _entry(like: PagemapEntry | None, vaddr: int, npages: int, flags: int) -> PagemapEntry:
@@ -84,9 +85,11 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
-                   out: Prepared) -> str:
+                   out: Prepared, lazy: bool) -> str:
     """Point the present runs of pid's final pagemap to the parent levels;
-    copy what lies beyond them into its own pages image.  Returns the
+    copy what lies beyond them into its own pages image.  With `lazy`,
+    runs CRIU flagged PE_LAZY become PE_LAZY alone: a lazy-pages daemon
+    asks for them (criu/page_server.py StorePageServer).  Returns the
     dump's byte order, which the levels' pagemaps keep."""
     pm = images.read_pagemap(images_dir, pid)
     psize = store.page_size
@@ -101,10 +104,13 @@ def _rewrite_final(images_dir: str, pid: int, store: PageStore, nlevels: int,
             raise RuntimeError(
                 f"pid {pid}: the dump holds pages the source never sent "
                 f"({missing.npages()} pages, first at {next(iter(missing))[0]:#x})")
+        if lazy and e.effective_flags & PE_LAZY:
+            _append(entries, _entry(e, e.vaddr, e.npages, PE_LAZY), psize)
+            out.lazy_pages += e.npages
+            continue
         for vaddr, n, seg in store.segment_runs(e.vaddr, e.npages):
             if seg < nlevels:
-                # PE_LAZY is kept as CRIU wrote it; a plain restore ignores
-                # it (a lazy one uses no levels: see prepare).
+                # PE_LAZY is kept as CRIU wrote it; a plain restore ignores it.
                 flags = PE_PARENT | (e.effective_flags & PE_LAZY)
                 _append(entries, _entry(e, vaddr, n, flags), psize)
                 out.parent_pages += n
@@ -151,8 +157,21 @@ def _write_level(level_dir: str, k: int, pid: int, store: PageStore,
                       images.encode_pagemap(pm))
 
 
+def _not_lazy(images_dir: str, pid: int) -> None:
+    """A process without a store keeps its pages image; in a lazy restore
+    CRIU must read those pages itself, the daemon asks only the stores."""
+    pm = images.read_pagemap(images_dir, pid)
+    if not any(e.effective_flags & PE_LAZY for e in pm.entries):
+        return
+    for e in pm.entries:
+        if e.effective_flags & PE_LAZY:  # only images with flags have it
+            e.flags = e.effective_flags & ~PE_LAZY
+    _write_atomically(os.path.join(images_dir, f"pagemap-{pid}.img"),
+                      images.encode_pagemap(pm))
+
+
 def prepare(images_dir: str, stores: dict[int, PageStore],
-            max_levels: int | None = None) -> Prepared:
+            max_levels: int | None = None, lazy: bool = False) -> Prepared:
     """Make the final dump in images_dir read its pages from the stores.
 
     stores: checkpoint pid -> store, for the processes whose pagemap is in
@@ -161,8 +180,10 @@ def prepare(images_dir: str, stores: dict[int, PageStore],
     filesystem (hard links).  Links between levels are relative: CRIU
     follows them from inside a container, whose root is not ours.
     max_levels (default MAX_LEVELS) 0 copies every page into the dump's
-    own pages image: CRIU 4.2's lazy-pages daemon never completes a read
-    that goes to a parent (its parent page-read has no io_complete)."""
+    own pages image.  lazy: PE_LAZY runs are left to a lazy-pages daemon
+    fed from the stores, never to parent levels: CRIU 4.2's daemon never
+    completes a read that goes to a parent (its parent page-read has no
+    io_complete)."""
     if max_levels is None:
         max_levels = MAX_LEVELS
     out = Prepared()
@@ -171,8 +192,13 @@ def prepare(images_dir: str, stores: dict[int, PageStore],
     if os.path.lexists(os.path.join(images_dir, PARENT_LINK)):
         raise RuntimeError(f"{images_dir} already has a parent link")
     out.levels = min(max_levels, max((len(stores[p].segments()) for p in pids), default=0))
-    byteorder = {pid: _rewrite_final(images_dir, pid, stores[pid], out.levels, out)
+    byteorder = {pid: _rewrite_final(images_dir, pid, stores[pid], out.levels,
+                                     out, lazy)
                  for pid in pids}
+    if lazy:
+        for pid in images.pagemap_pids(images_dir):
+            if pid not in stores:
+                _not_lazy(images_dir, pid)
     if out.levels == 0:
         return out
     for k in range(1, out.levels + 1):

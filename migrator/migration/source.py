@@ -4,9 +4,14 @@ what moves is a Workload, see workload.py).
     rounds:      collect -> (converged? switch over) -> read, compress, send
     switch-over: trackers' markers dropped -> the workload's checkpoint,
                  which leaves every task stopped (CRIU --leave-stopped, or a
-                 frozen cgroup) -> last collect, tasks stopped (invariant 4)
+                 frozen cgroup); for a process tree CRIU hands its pages to
+                 our page server, which writes only those not clean at the
+                 destination (criu/page_server.py)
+                 -> last collect, tasks stopped (invariant 4)
                  -> trackers removed
-                 -> delta = dumped pages not known clean at the destination
+                 -> delta = dumped pages not known clean at the destination;
+                 the few the page server left out because they were clean
+                 when the dump began are read from the stopped tasks
                  -> delta pages + CRIU's other images -> wait for the restore
     commit:      the destination restored the tree, stopped; we destroy the
                  source (THE COMMIT POINT, logged) and say Commit; the
@@ -41,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from migrator import faults
-from migrator.criu import images
+from migrator.criu import images, runner
+from migrator.criu.page_server import DumpPageServer, pwrite_all
 from migrator.kernel import procfs
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.vmread import read_ranges
@@ -131,6 +137,10 @@ class Source:
         self.clean: dict[int, RangeList] = {}
         self.channel: Channel | None = None
         self.dump_dir: str | None = None
+        self.criu_version: str | None = None
+        # checkpoint pid -> pages whose bytes the dump's pages file holds
+        # (None: CRIU wrote every page itself)
+        self.kept: dict[int, RangeList] | None = None
         self.dumped = False        # CRIU left the tree stopped
         self.committed = False
         self.t0 = time.monotonic()
@@ -146,6 +156,10 @@ class Source:
                 self.opts.to, self.opts.auth, socket.gethostname(),
                 bandwidth=self.opts.bandwidth, timeout=self.opts.io_timeout)
             phase = "track"
+            if self.workload.takes_page_server:
+                # asked now, not in the downtime (and a missing criu
+                # fails here, before anything is stopped)
+                self.criu_version = runner.criu_version()
             self._start_tracking()
             phase = "precopy"
             rounds, reason, pending = self._precopy()
@@ -388,11 +402,28 @@ class Source:
             t.before_checkpoint()
         log.info("freezing %s: checkpoint into %s", self.workload.kind,
                  self.dump_dir)
+        ps = None
+        if self.workload.takes_page_server:
+            # What is clean now may be written before the freeze; the last
+            # collect finds those pages and _send_delta reads them back.
+            ps = DumpPageServer(self.dump_dir, dict(self.clean), self.criu_version)
+            ps.start()
         try:
-            self.workload.checkpoint(self.dump_dir)
+            try:
+                if ps:
+                    self.workload.checkpoint(self.dump_dir, page_server=ps)
+                else:
+                    self.workload.checkpoint(self.dump_dir)
+            finally:
+                # CRIU may have stopped the tree even when it failed.
+                self.dumped = True
+            if ps:
+                self.kept = ps.finish()
+                log.info("page server: %d MiB received from CRIU, %d MiB written",
+                         ps.bytes_received >> 20, ps.bytes_written >> 20)
         finally:
-            # CRIU may have stopped the tree even when it failed.
-            self.dumped = True
+            if ps:
+                ps.close()
         t_dumped = time.monotonic()
         for pid, c in self._collect(stopped=True).items():
             log.info("pid %d: last collect, frozen: %d pages dirty, %d tracked, "
@@ -426,11 +457,6 @@ class Source:
                 "commit_ms": (t_done - t_restored) * 1000,
                 "delta_pages": delta_pages}
 
-    def _dumped_pids(self) -> list[int]:
-        mem, _ = images.image_files(self.dump_dir)
-        return sorted(int(n[len("pagemap-"):-len(".img")]) for n in mem
-                      if n.startswith("pagemap-"))
-
     def _send_delta(self) -> int:
         """Pages of the dump that the destination does not hold clean.
         The pagemap is compared with the clean set first; only the pages
@@ -438,13 +464,15 @@ class Source:
         total = 0
         max_pages = self.opts.batch_pages
         buf = bytearray(max_pages * PAGE_SIZE)
-        for pid in self._dumped_pids():
+        for pid in images.pagemap_pids(self.dump_dir):
             if pid not in self.clean:
                 continue  # not announced: its pages travel as image files
             clean = self.clean[pid]
             before = total
             pm = images.read_pagemap(self.dump_dir, pid)
             path = os.path.join(self.dump_dir, pm.pages_name)
+            if self.kept is not None:
+                self._fill_holes(pid, clean)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 pending: list[tuple[int, int, int]] = []   # (addr, npages, offset)
@@ -468,7 +496,8 @@ class Source:
 
                 for vaddr, n, off in images.iter_pages(
                         self.dump_dir, pid, with_data=False, chunk_bytes=1 << 62):
-                    need = RangeList([(vaddr, vaddr + n * PAGE_SIZE)]) - clean
+                    end = vaddr + n * PAGE_SIZE
+                    need = RangeList([(vaddr, end)]) - clean.clip(vaddr, end)
                     for s, e in need:
                         if pending and s < pending[-1][0] + pending[-1][1] * PAGE_SIZE:
                             flush()  # runs of a batch must ascend
@@ -488,6 +517,44 @@ class Source:
                      "(%d pages known clean)", pid, total - before, dumped,
                      clean.npages())
         return total
+
+    def _fill_holes(self, pid: int, clean: RangeList) -> None:
+        """Write into the pages file the dumped pages the delta needs and
+        the page server left out (clean when the dump began, written
+        before the freeze): read from the stopped tasks, whose memory is
+        what they resume with.  Afterwards no page of the delta is a hole."""
+        holes_total = 0
+        ours = {k: p for p, k in self.ckpt.items()}.get(pid)
+        path = os.path.join(self.dump_dir, images.read_pagemap(
+            self.dump_dir, pid).pages_name)
+        kept = self.kept.get(pid, RangeList())
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for vaddr, n, off in images.iter_pages(
+                    self.dump_dir, pid, with_data=False, chunk_bytes=1 << 62):
+                end = vaddr + n * PAGE_SIZE
+                holes = RangeList([(vaddr, end)]) - clean.clip(vaddr, end) \
+                    - kept.clip(vaddr, end)
+                if not holes:
+                    continue
+                if ours is None:
+                    raise MigrationError("switchover", f"pid {pid}: dumped pages "
+                                         "left out and no process to read them from")
+                data, gone = read_ranges(ours, holes)
+                if gone:
+                    raise MigrationError(
+                        "switchover", f"pid {pid}: pages {gone!r} changed during "
+                        "the checkpoint and cannot be read back")
+                pos = 0
+                for s, e in holes:
+                    pwrite_all(fd, data[pos:pos + e - s], off + (s - vaddr))
+                    pos += e - s
+                holes_total += holes.npages()
+        finally:
+            os.close(fd)
+        if holes_total:
+            log.info("pid %d: %d pages written since the last round read from "
+                     "the stopped process", pid, holes_total)
 
     def _send_images(self) -> None:
         write_manifest(self.dump_dir, self.workload.manifest())

@@ -27,13 +27,19 @@ MANIFEST = "migrator-manifest.json"
 
 class Workload:
     kind = "?"
+    # Whether checkpoint() can hand CRIU's pages to a DumpPageServer
+    # (criu/page_server.py) instead of CRIU writing them: a runtime whose
+    # checkpoint command cannot pass CRIU a socket cannot.
+    takes_page_server = False
 
     def pids(self) -> list[int]:
         """The processes to track, root first."""
         raise NotImplementedError
 
-    def checkpoint(self, images_dir: str) -> None:
-        """Final checkpoint into images_dir; every task is left stopped."""
+    def checkpoint(self, images_dir: str, page_server=None) -> None:
+        """Final checkpoint into images_dir; every task is left stopped.
+        With a started DumpPageServer (only if takes_page_server), CRIU
+        sends the pages to it, which writes the memory images."""
         raise NotImplementedError
 
     def resume(self) -> None:
@@ -50,6 +56,7 @@ class Workload:
 
 class ProcessTree(Workload):
     kind = "process"
+    takes_page_server = True
 
     def __init__(self, root: int, shell_job: bool = False,
                  tcp_established: bool = False):
@@ -60,10 +67,12 @@ class ProcessTree(Workload):
     def pids(self) -> list[int]:
         return procfs.process_tree(self.root)
 
-    def checkpoint(self, images_dir: str) -> None:
+    def checkpoint(self, images_dir: str, page_server=None) -> None:
         runner.dump(self.root, images_dir, leave_stopped=True,
                     shell_job=self.shell_job,
-                    tcp_established=self.tcp_established)
+                    tcp_established=self.tcp_established,
+                    extra=page_server.criu_args() if page_server else (),
+                    pass_fds=(page_server.criu_fd,) if page_server else ())
 
     def resume(self) -> None:
         try:

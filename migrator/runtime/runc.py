@@ -126,7 +126,7 @@ class ContainerWorkload(wl.Workload):
         rest = sorted(p for p in self.cgroup.procs() if p != self.state.pid)
         return [self.state.pid, *rest]
 
-    def checkpoint(self, images_dir: str) -> None:
+    def checkpoint(self, images_dir: str, page_server=None) -> None:
         os.makedirs(images_dir, exist_ok=True)
         self.cgroup.freeze()
         self.frozen = True

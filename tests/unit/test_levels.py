@@ -169,8 +169,8 @@ def test_an_existing_parent_link_is_refused(tmp_path):
 
 
 def test_no_levels_copies_every_page_into_the_dump(tmp_path):
-    """max_levels=0, as a lazy restore needs: no parent link, every page in
-    the dump's own pages image, still lazy."""
+    """max_levels=0: no parent link, every page in the dump's own pages
+    image, still lazy."""
     img = str(tmp_path / "images")
     os.makedirs(img)
     with PageStore(str(tmp_path / "store")) as store:
@@ -185,3 +185,35 @@ def test_no_levels_copies_every_page_into_the_dump(tmp_path):
         assert read_page(img, 9, a) == page(a)
     assert all(e.effective_flags == I.PE_PRESENT | I.PE_LAZY
                for e in I.read_pagemap(img, 9).entries)
+
+
+def test_lazy_runs_are_left_to_the_daemon(tmp_path):
+    """lazy=True: CRIU's PE_LAZY runs become PE_LAZY alone (a lazy-pages
+    daemon asks the stores for them), the other runs read from parent
+    levels; a process without a store keeps its pages image and loses
+    PE_LAZY, so that CRIU's restore reads those pages itself."""
+    img = str(tmp_path / "images")
+    os.makedirs(img)
+    with PageStore(str(tmp_path / "store")) as store:
+        for a in (BLOCK, 3 * BLOCK):
+            store.put(a, page(a) + page(a + PAGE_SIZE))
+        pm = I.Pagemap(1, [
+            I.PagemapEntry(BLOCK, 0, flags=I.PE_PRESENT | I.PE_LAZY, nr_pages=2),
+            I.PagemapEntry(3 * BLOCK, 0, flags=I.PE_PRESENT, nr_pages=2)])
+        with open(os.path.join(img, "pagemap-6.img"), "wb") as f:
+            f.write(I.encode_pagemap(pm))
+        open(os.path.join(img, "pages-1.img"), "wb").close()
+        orphan = I.Pagemap(2, [
+            I.PagemapEntry(BLOCK, 0, flags=I.PE_PRESENT | I.PE_LAZY, nr_pages=1)])
+        with open(os.path.join(img, "pagemap-8.img"), "wb") as f:
+            f.write(I.encode_pagemap(orphan))
+        with open(os.path.join(img, "pages-2.img"), "wb") as f:
+            f.write(page(BLOCK, 77))
+        got = levels.prepare(img, {6: store}, lazy=True)
+        assert (got.lazy_pages, got.parent_pages, got.copied_pages) == (2, 2, 0)
+        assert [(e.vaddr, e.npages, e.effective_flags)
+                for e in I.read_pagemap(img, 6).entries] == [
+            (BLOCK, 2, I.PE_LAZY), (3 * BLOCK, 2, I.PE_PARENT)]
+        assert read_page(img, 6, 3 * BLOCK + PAGE_SIZE) == page(3 * BLOCK + PAGE_SIZE)
+    assert [e.effective_flags for e in I.read_pagemap(img, 8).entries] == [I.PE_PRESENT]
+    assert read_page(img, 8, BLOCK) == page(BLOCK, 77)

@@ -39,3 +39,12 @@ def test_overlapping_input_is_merged():
 
 def test_empty_ranges_are_dropped():
     assert not RangeList([(5, 5), (9, 3)])
+
+
+@given(pages, st.integers(0, 201), st.integers(0, 201), st.integers(0, PAGE_SIZE - 1))
+def test_clip_is_intersection_with_a_window(a, lo, hi, shift):
+    # byte-granular edges too: the window may cut a page
+    start, end = lo * PAGE_SIZE + shift, hi * PAGE_SIZE
+    got = rl(a).clip(start, end)
+    assert got == rl(a) & RangeList([(start, end)])
+    assert all(start <= s < e <= end for s, e in got)

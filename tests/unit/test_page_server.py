@@ -1,0 +1,186 @@
+"""Both page servers against a peer that speaks CRIU's side of the
+protocol as criu/page-xfer.c does (criu/page_server.py)."""
+
+import os
+import socket
+import struct
+
+import pytest
+
+from migrator.criu import images
+from migrator.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT
+from migrator.criu.page_server import (HEADER_NEW, HEADER_OLD, PS_IOV_ADD,
+                                       PS_IOV_ADD_F, PS_IOV_FORCE_CLOSE,
+                                       PS_IOV_GET, PS_IOV_OPEN2, PS_IOV_PARENT,
+                                       PS_TYPE_PID, PS_TYPE_SHMEM, DumpPageServer,
+                                       PageServerError, StorePageServer, header_for)
+from migrator.migration.store import PageStore
+from migrator.ranges import PAGE_SIZE, RangeList
+
+P = PAGE_SIZE
+
+
+def page(tag: int, n: int = 1) -> bytes:
+    return b"".join(bytes([(tag + i) % 251 + 1]) * P for i in range(n))
+
+
+class Criu:
+    """CRIU's end: what criu dump / criu lazy-pages send and expect."""
+
+    def __init__(self, server, header=HEADER_NEW):
+        self.sock = socket.socket(fileno=os.dup(server.criu_fd))
+        self.h = header
+
+    def send(self, cmd, nr=0, vaddr=0, dst=0, flags=0, data=b""):
+        self.sock.sendall(self.h.pack(cmd | flags << 16, nr, vaddr, dst) + data)
+
+    def recv(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError(f"{len(out)} of {n} bytes")
+            out += chunk
+        return out
+
+    def open2(self, kind, ident):
+        self.send(PS_IOV_OPEN2, dst=ident << 8 | kind)
+        assert self.recv(1) == b"\0"   # no parent
+
+    def close(self):
+        self.send(PS_IOV_FORCE_CLOSE)
+        assert struct.unpack("=i", self.recv(4)) == (0,)
+        self.sock.close()
+
+
+@pytest.fixture
+def dump(tmp_path):
+    held = {7: RangeList([(0x11000, 0x13000)])}
+    ps = DumpPageServer(str(tmp_path), held)
+    ps.start()
+    yield ps
+    ps.close()
+
+
+def test_dump_writes_criu_images_without_held_bytes(dump, tmp_path):
+    c = Criu(dump)
+    pid_dst = 7 << 8 | PS_TYPE_PID
+    c.open2(PS_TYPE_PID, 7)
+    c.send(PS_IOV_ADD_F, 4, 0x10000, pid_dst, PE_PRESENT | PE_LAZY, page(1, 4))
+    c.send(PS_IOV_ADD_F, 3, 0x18000, pid_dst, PE_PARENT)     # no data follows
+    c.send(PS_IOV_ADD_F, 2, 0x20000, pid_dst, PE_PRESENT, page(9, 2))
+    c.send(PS_IOV_PARENT, dst=pid_dst)
+    assert struct.unpack("=i", c.recv(4)) == (0,)
+    c.open2(PS_TYPE_SHMEM, 3)
+    c.send(PS_IOV_ADD, 1, 0, 3 << 8 | PS_TYPE_SHMEM, 0, page(20))
+    c.close()
+    kept = dump.finish()
+
+    assert kept == {7: RangeList([(0x10000, 0x11000), (0x13000, 0x14000),
+                                  (0x20000, 0x22000)])}
+    pm = images.read_pagemap(tmp_path, 7)
+    assert [(e.vaddr, e.npages, e.flags) for e in pm.entries] == [
+        (0x10000, 4, PE_PRESENT | PE_LAZY), (0x18000, 3, PE_PARENT),
+        (0x20000, 2, PE_PRESENT)]
+    assert all(e.compat_nr_pages == 0 and e.nr_pages for e in pm.entries)
+    got = {v: bytes(d) for v, _, d in images.iter_pages(tmp_path, 7, chunk_bytes=P)}
+    want = dict(zip(range(0x10000, 0x14000, P), (page(1 + i) for i in range(4))))
+    want.update({0x20000: page(9), 0x21000: page(10)})
+    want[0x11000] = want[0x12000] = bytes(P)   # held: holes, read as zeroes
+    assert got == want
+    shm = images.decode_pagemap((tmp_path / "pagemap-shmem-3.img").read_bytes())
+    assert shm.pages_id != pm.pages_id
+    assert (tmp_path / shm.pages_name).read_bytes() == page(20)
+    assert dump.bytes_written == 5 * P
+
+
+def test_dump_pages_arrive_in_pieces_larger_than_a_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr("migrator.criu.page_server.CHUNK", 3 * P)
+    held = {5: RangeList([(0x2000, 0x5000)])}
+    ps = DumpPageServer(str(tmp_path), held)
+    ps.start()
+    try:
+        c = Criu(ps)
+        c.open2(PS_TYPE_PID, 5)
+        c.send(PS_IOV_ADD_F, 8, 0, 5 << 8 | PS_TYPE_PID, PE_PRESENT, page(1, 8))
+        c.close()
+        assert ps.finish() == {5: RangeList([(0, 0x2000), (0x5000, 0x8000)])}
+    finally:
+        ps.close()
+    data = (tmp_path / images.read_pagemap(tmp_path, 5).pages_name).read_bytes()
+    want = bytearray(page(1, 8))
+    want[0x2000:0x5000] = bytes(0x3000)
+    assert data == want
+
+
+def test_dump_that_ends_without_close_is_an_error(dump):
+    c = Criu(dump)
+    c.open2(PS_TYPE_PID, 7)
+    c.send(PS_IOV_ADD_F, 2, 0x30000, 7 << 8 | PS_TYPE_PID, PE_PRESENT, page(1))
+    c.sock.close()  # CRIU died one page into a two-page entry
+    with pytest.raises(PageServerError, match="closed"):
+        dump.finish()
+
+
+@pytest.mark.parametrize("msg, why", [
+    ((99, 0, 0, 0), "unknown command"),
+    ((PS_IOV_GET, 1, 0, 7), "lazy dump"),
+    ((PS_IOV_ADD_F | PE_PRESENT << 16, 1, 0, 7 << 8 | 1), "not open"),
+    ((PS_IOV_OPEN2, 0, 0, 7 << 8 | 9), "unknown pagemap type"),
+])
+def test_dump_refuses_what_it_cannot_take(dump, msg, why):
+    c = Criu(dump)
+    c.sock.sendall(HEADER_NEW.pack(*msg))
+    with pytest.raises(PageServerError, match=why):
+        dump.finish()
+
+
+def test_header_layout_follows_the_criu_version():
+    assert header_for("4.2.1") is HEADER_NEW and HEADER_NEW.size == 32
+    assert header_for("4.1.1") is HEADER_OLD and HEADER_OLD.size == 24
+    assert header_for("5.0") is HEADER_NEW
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = PageStore(str(tmp_path / "pages-7.store"))
+    s.put(0x40000, page(3, 6))
+    yield s
+    s.close()
+
+
+def test_store_server_answers_get_from_the_store(store):
+    ps = StorePageServer({7: store})
+    ps.start()
+    try:
+        c = Criu(ps)
+        for vaddr, n in ((0x41000, 1), (0x40000, 6), (0x43000, 2)):
+            c.send(PS_IOV_GET, n, vaddr, 7)
+            cmd, nr, va, dst = HEADER_NEW.unpack(c.recv(HEADER_NEW.size))
+            assert (cmd, nr, va, dst) == (PS_IOV_ADD_F | PE_PRESENT << 16, n, vaddr, 7)
+            first = (vaddr - 0x40000) // P
+            assert c.recv(n * P) == page(3 + first, n)
+        c.close()
+        ps.finish()
+        assert ps.bytes_sent == 9 * P
+    finally:
+        ps.close()
+
+
+@pytest.mark.parametrize("get, why", [
+    ((0x46000, 1, 7), "not in the store"),   # never sent: no zero page
+    ((0x40000, 1, 8), "no store"),
+    ((0x40800, 1, 7), "bad request"),
+])
+def test_store_server_never_invents_pages(store, get, why):
+    ps = StorePageServer({7: store})
+    ps.start()
+    try:
+        c = Criu(ps)
+        vaddr, n, pid = get
+        c.send(PS_IOV_GET, n, vaddr, pid)
+        assert c.sock.recv(1) == b""   # the daemon sees the end, not data
+        with pytest.raises(PageServerError, match=why):
+            ps.finish()
+    finally:
+        ps.close()
