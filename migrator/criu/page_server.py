@@ -128,14 +128,20 @@ class _Images:
 
 
 class _Peer:
-    """One CRIU process at the other end of a socketpair, served by a
-    thread of ours until it says CLOSE.
+    """One CRIU process at the other end of a socket, served by a thread
+    of ours until it says CLOSE.
 
-        ps.start()
+        ps.start()            # or ps.start(tcp=True): see below
         run criu with ps.criu_args(), passing ps.criu_fd
-        ps.finish()   # after CRIU exited: raises PageServerError if it
-                      # did not end the conversation properly
-        ps.close()    # on every path
+        ps.finish()           # after CRIU exited: raises PageServerError
+                              # if it did not end the conversation properly
+        ps.close()            # on every path
+
+    The socket is one end of a socketpair whose other end CRIU inherits
+    (``--ps-socket``).  A runtime that starts CRIU itself (runc, crun)
+    cannot pass it a descriptor: start(tcp=True) listens on 127.0.0.1 (an
+    ephemeral ``port``) instead, and takes the first connection made by a
+    socket of our own uid, as only CRIU run by us (root) can.
     """
 
     name = "criu-page-server"
@@ -144,17 +150,25 @@ class _Peer:
         self.header = header_for(criu_version)
         self.psize = psize
         self.bytes_received = 0
+        self.port: Optional[int] = None
         self._sock: Optional[socket.socket] = None
         self._criu_sock: Optional[socket.socket] = None
+        self._listener: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._done = False
         self._buf = bytearray(CHUNK)
 
-    def start(self) -> None:
-        self._sock, self._criu_sock = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_STREAM)
-        self._criu_sock.set_inheritable(True)
+    def start(self, tcp: bool = False) -> None:
+        if tcp:
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind(("127.0.0.1", 0))
+            self._listener.listen(4)
+            self.port = self._listener.getsockname()[1]
+        else:
+            self._sock, self._criu_sock = socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_STREAM)
+            self._criu_sock.set_inheritable(True)
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=self.name)
         self._thread.start()
@@ -164,6 +178,8 @@ class _Peer:
         return self._criu_sock.fileno()
 
     def criu_args(self) -> list[str]:
+        if self.port is not None:
+            return ["--page-server", "--address", "127.0.0.1", "--port", str(self.port)]
         return ["--page-server", "--ps-socket", str(self.criu_fd)]
 
     def criu_started(self) -> None:
@@ -173,8 +189,16 @@ class _Peer:
             self._criu_sock.close()
             self._criu_sock = None
 
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+
     def finish(self, timeout: float = JOIN_TIMEOUT) -> None:
         self.criu_started()
+        self._stop_listening()  # CRIU has exited: nobody else may connect
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise PageServerError("the page server did not finish")
@@ -183,12 +207,9 @@ class _Peer:
         if not self._done:
             raise PageServerError("CRIU ended without closing the page server")
 
-    @property
-    def failed(self) -> Optional[BaseException]:
-        return self._error
-
     def close(self) -> None:
         self.criu_started()
+        self._stop_listening()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -196,12 +217,31 @@ class _Peer:
                 pass
         if self._thread is not None:
             self._thread.join(JOIN_TIMEOUT)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for attr in ("_sock", "_listener"):
+            sk = getattr(self, attr)
+            if sk is not None:
+                sk.close()
+                setattr(self, attr, None)
+
+    def _accept(self) -> socket.socket:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError as e:
+                raise PageServerError("CRIU never connected to the page server "
+                                      f"({e.strerror or e})") from None
+            uid = _loopback_peer_uid(conn)
+            if uid == os.geteuid():
+                self._listener.close()
+                self._listener = None
+                return conn
+            log.warning("page server: refused a connection from uid %s", uid)
+            conn.close()
 
     def _serve(self) -> None:
         try:
+            if self._listener is not None:
+                self._sock = self._accept()
             while not self._done:
                 hdr = self._recv_exact(self.header.size, boundary=True)
                 raw_cmd, nr_pages, vaddr, dst_id = self.header.unpack(hdr)
@@ -217,10 +257,11 @@ class _Peer:
             log.debug("%s: %s", self.name, e)
             # CRIU may be waiting for an answer: the end of the stream
             # makes it fail instead of hang.
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _recv_exact(self, n: int, boundary: bool = False) -> memoryview:
         view = memoryview(self._buf)[:n]
@@ -386,6 +427,27 @@ class StorePageServer(_Peer):
                                             nr_pages, vaddr, dst_id))
         self._sock.sendall(data)
         self.bytes_sent += len(data)
+
+
+def _loopback_peer_uid(conn: socket.socket) -> Optional[int]:
+    """The uid owning the other end of a loopback TCP connection, from
+    /proc/net/tcp (our network namespace), None if not found."""
+    ours = conn.getsockname()[1]
+    theirs = conn.getpeername()[1]
+    try:
+        with open("/proc/net/tcp") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        local, remote = fields[1], fields[2]
+        if (int(local.rsplit(":", 1)[1], 16) == theirs
+                and int(remote.rsplit(":", 1)[1], 16) == ours):
+            return int(fields[7])
+    return None
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -156,7 +156,7 @@ class Source:
                 self.opts.to, self.opts.auth, socket.gethostname(),
                 bandwidth=self.opts.bandwidth, timeout=self.opts.io_timeout)
             phase = "track"
-            if self.workload.takes_page_server:
+            if self.workload.page_server_via:
                 # asked now, not in the downtime (and a missing criu
                 # fails here, before anything is stopped)
                 self.criu_version = runner.criu_version()
@@ -403,11 +403,11 @@ class Source:
         log.info("freezing %s: checkpoint into %s", self.workload.kind,
                  self.dump_dir)
         ps = None
-        if self.workload.takes_page_server:
+        if self.workload.page_server_via:
             # What is clean now may be written before the freeze; the last
             # collect finds those pages and _send_delta reads them back.
             ps = DumpPageServer(self.dump_dir, dict(self.clean), self.criu_version)
-            ps.start()
+            ps.start(tcp=self.workload.page_server_via == "tcp")
         try:
             try:
                 if ps:

@@ -27,10 +27,10 @@ MANIFEST = "migrator-manifest.json"
 
 class Workload:
     kind = "?"
-    # Whether checkpoint() can hand CRIU's pages to a DumpPageServer
-    # (criu/page_server.py) instead of CRIU writing them: a runtime whose
-    # checkpoint command cannot pass CRIU a socket cannot.
-    takes_page_server = False
+    # How checkpoint() can hand CRIU's pages to a DumpPageServer
+    # (criu/page_server.py) instead of CRIU writing them: "fd" (CRIU
+    # inherits a socket), "tcp" (CRIU connects to 127.0.0.1), or None.
+    page_server_via: str | None = None
 
     def pids(self) -> list[int]:
         """The processes to track, root first."""
@@ -38,7 +38,7 @@ class Workload:
 
     def checkpoint(self, images_dir: str, page_server=None) -> None:
         """Final checkpoint into images_dir; every task is left stopped.
-        With a started DumpPageServer (only if takes_page_server), CRIU
+        With a started DumpPageServer (only if page_server_via is set), CRIU
         sends the pages to it, which writes the memory images."""
         raise NotImplementedError
 
@@ -56,7 +56,7 @@ class Workload:
 
 class ProcessTree(Workload):
     kind = "process"
-    takes_page_server = True
+    page_server_via = "fd"
 
     def __init__(self, root: int, shell_job: bool = False,
                  tcp_established: bool = False):

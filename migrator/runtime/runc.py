@@ -9,7 +9,11 @@ Source, final checkpoint (the container stays stopped, never killed):
   1. freeze the container's cgroup;
   2. ``RUNTIME checkpoint --leave-running``: CRIU dumps the frozen tasks and
      restores the freezer state it found, so they stay frozen afterwards
-     (seen with runc 1.1.15 and crun 1.21 on CRIU 4.1.1, cgroup v2);
+     (seen with runc 1.1.15 and crun 1.21 on CRIU 4.1.1, cgroup v2); its
+     pages go to the sender's page server on 127.0.0.1 (runc's
+     ``--page-server``; for crun a ``$CRIU_CONFIG_FILE`` that says
+     ``page-server``), which writes only those not clean at the
+     destination (criu/page_server.py);
   3. the container's filesystem changes into the images dir (tar), still
      inside the freeze, so files and memory are from the same instant.
   resume() thaws; destroy() is ``kill KILL`` + ``delete -f``, so the
@@ -56,8 +60,11 @@ class Runtime:
     """What differs between runc and crun."""
 
     def __init__(self, name: str, manage_cgroups: Optional[str],
-                 criu_config_via: str):
+                 criu_config_via: str, page_server_flag: bool):
         self.name = name
+        # `checkpoint --page-server ADDR:PORT` (runc); crun has no such
+        # flag, but its criu swrk reads $CRIU_CONFIG_FILE
+        self.page_server_flag = page_server_flag
         # crun: "ignore".  On a host with cgroup v1 controllers mounted
         # beside the v2 hierarchy, CRIU's default ("soft") re-creates the v1
         # controllers' cgroups from the image at their hierarchy's root and
@@ -72,8 +79,8 @@ class Runtime:
 
 
 RUNTIMES = {
-    "runc": Runtime("runc", None, "annotation"),
-    "crun": Runtime("crun", "ignore", "env"),
+    "runc": Runtime("runc", None, "annotation", page_server_flag=True),
+    "crun": Runtime("crun", "ignore", "env", page_server_flag=False),
 }
 
 
@@ -99,6 +106,9 @@ def _stopped(pid: int) -> bool:
 
 class ContainerWorkload(wl.Workload):
     """A runc / crun container: every process of its cgroup."""
+
+    # The runtime starts CRIU itself: it can only be told an address.
+    page_server_via = "tcp"
 
     def __init__(self, container_id: str, runtime: Optional[str] = None,
                  shared_storage: bool = False):
@@ -134,11 +144,21 @@ class ContainerWorkload(wl.Workload):
             self.net.isolate()
             self.isolated = True
         work = tempfile.mkdtemp(prefix="migrator-work-", dir=os.path.dirname(images_dir))
+        extra, env = [], None
+        if page_server is not None:
+            if self.runtime.page_server_flag:
+                extra = ["--page-server", f"127.0.0.1:{page_server.port}"]
+            else:
+                conf = os.path.join(work, "criu-dump.conf")
+                with open(conf, "w") as f:
+                    f.write(f"page-server\naddress 127.0.0.1\nport {page_server.port}\n")
+                env = {**os.environ, "CRIU_CONFIG_FILE": conf}
         try:
             res = oci.run(self.kind, [
                 "checkpoint", "--leave-running", *self.runtime.cgroup_args(),
-                *(["--tcp-established"] if self.net else []),
-                "--image-path", images_dir, "--work-path", work, self.id], check=False)
+                *(["--tcp-established"] if self.net else []), *extra,
+                "--image-path", images_dir, "--work-path", work, self.id],
+                env=env, check=False)
             if res.returncode != 0:
                 raise OciError(f"{self.kind} checkpoint {self.id} failed "
                                f"({res.returncode}): {res.stdout.strip()[-1000:]}"

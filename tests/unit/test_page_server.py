@@ -28,7 +28,10 @@ class Criu:
     """CRIU's end: what criu dump / criu lazy-pages send and expect."""
 
     def __init__(self, server, header=HEADER_NEW):
-        self.sock = socket.socket(fileno=os.dup(server.criu_fd))
+        if server.port is not None:   # start(tcp=True)
+            self.sock = socket.create_connection(("127.0.0.1", server.port))
+        else:
+            self.sock = socket.socket(fileno=os.dup(server.criu_fd))
         self.h = header
 
     def send(self, cmd, nr=0, vaddr=0, dst=0, flags=0, data=b""):
@@ -133,6 +136,34 @@ def test_dump_refuses_what_it_cannot_take(dump, msg, why):
     c.sock.sendall(HEADER_NEW.pack(*msg))
     with pytest.raises(PageServerError, match=why):
         dump.finish()
+
+
+def test_dump_over_loopback_tcp(tmp_path):
+    """start(tcp=True), for runtimes that start CRIU themselves; the
+    connection of a socket of our own uid (root here) is taken."""
+    ps = DumpPageServer(str(tmp_path), {})
+    ps.start(tcp=True)
+    try:
+        assert ps.criu_args() == ["--page-server", "--address", "127.0.0.1",
+                                  "--port", str(ps.port)]
+        c = Criu(ps)
+        c.open2(PS_TYPE_PID, 1)
+        c.send(PS_IOV_ADD_F, 1, 0x5000, 1 << 8 | PS_TYPE_PID, PE_PRESENT, page(4))
+        c.close()
+        assert ps.finish() == {1: RangeList([(0x5000, 0x6000)])}
+    finally:
+        ps.close()
+    assert (tmp_path / images.read_pagemap(tmp_path, 1).pages_name).read_bytes() == page(4)
+
+
+def test_tcp_page_server_that_criu_never_reached(tmp_path):
+    ps = DumpPageServer(str(tmp_path), {})
+    ps.start(tcp=True)
+    try:
+        with pytest.raises(PageServerError, match="never connected"):
+            ps.finish()
+    finally:
+        ps.close()
 
 
 def test_header_layout_follows_the_criu_version():

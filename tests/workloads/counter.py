@@ -7,13 +7,17 @@ verifies the whole buffer against a checksum it carries.  Progress goes to
 a file (one line per tick: "<tick> <pid> <ok|BAD ...>"), always appended,
 so a test sees the numbers continue across a checkpoint and restore.
 
-    python3 counter.py PROGRESS_FILE [MIB] [INTERVAL_S]
+    python3 counter.py PROGRESS_FILE [MIB] [INTERVAL_S] [private|shared]
+
+"shared" keeps the buffer in an anonymous MAP_SHARED mapping (shared
+memory, which CRIU dumps apart from private pages) instead of a bytearray.
 
 Standard library only: it runs with the node image's python3, and inside a
 busybox container only as a shell variant (see counter.sh).
 """
 
 import hashlib
+import mmap
 import os
 import sys
 import time
@@ -33,7 +37,9 @@ def main() -> int:
     mib = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.1
     pages = mib * 256
-    buf = bytearray(pages * PAGE)
+    shared = len(sys.argv) > 4 and sys.argv[4] == "shared"
+    buf = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_SHARED) if shared \
+        else bytearray(pages * PAGE)
     values = [0] * pages  # what each page should hold
     for p in range(pages):
         fill(buf, p, 0)
