@@ -150,11 +150,12 @@ class _Progress:
 @app.command()
 def send(
     container: Annotated[Optional[str], typer.Argument(
-        help="runc/crun container id to migrate (instead of --pid).")] = None,
+        help="runc/crun container id or podman container name to migrate "
+        "(instead of --pid).")] = None,
     pid: Annotated[Optional[int], typer.Option("--pid", help="Root of the process tree to migrate.")] = None,
     to: Annotated[str, typer.Option("--to", help="Destination HOST:PORT (migrator recv).")] = ...,
     runtime: Annotated[Optional[str], typer.Option(
-        "--runtime", help="runc or crun (default: the one that has CONTAINER).")] = None,
+        "--runtime", help="runc, crun or podman (default: the one that has CONTAINER).")] = None,
     shared_storage: Annotated[bool, typer.Option(
         "--shared-storage", help="The destination sees the same rootfs: do not copy it.")] = False,
     downtime_ms: Annotated[float, typer.Option(
@@ -184,8 +185,8 @@ def send(
     from migrator.migration.workload import ProcessTree
     if (pid is None) == (container is None):
         raise typer.BadParameter("give exactly one of --pid or CONTAINER")
-    if runtime not in (None, "runc", "crun"):
-        raise typer.BadParameter("--runtime is runc or crun")
+    if runtime not in (None, "runc", "crun", "podman"):
+        raise typer.BadParameter("--runtime is runc, crun or podman")
     if container is None and (runtime or shared_storage):
         raise typer.BadParameter("--runtime and --shared-storage need CONTAINER")
     _sigterm_as_interrupt()

@@ -257,7 +257,10 @@ class Session:
         # Every page of the last dump is in the stores by now (the delta
         # too): CRIU reads them there through parent images, or asks
         # lazy_server for them; no copy.
-        prepared = levels.prepare(self.images_dir, self.stores, lazy=self.lazy)
+        flat = workload.needs_flat_images(self.images_dir)
+        prepared = levels.prepare(self.images_dir, self.stores,
+                                  max_levels=0 if flat else None,
+                                  lazy=self.lazy and not flat)
         log.info("pages for CRIU: %d from the stores in %d levels, %d lazy, "
                  "%d copied", prepared.parent_pages, prepared.levels,
                  prepared.lazy_pages, prepared.copied_pages)

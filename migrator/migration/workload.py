@@ -132,6 +132,9 @@ def _restore_process(images_dir: str, manifest: dict, lazy: bool = False) -> int
 
 
 RESTORERS: dict[str, Restorer] = {"process": _restore_process}
+# Kinds whose restore cannot read pages from parent images (the page
+# stores): the destination copies the pages into the dump's own images.
+FLAT_IMAGES: set[str] = set()
 
 # kind -> resume(manifest, root pid): start what a Restorer left stopped
 # (the Commit).  Kinds without one: SIGCONT to the tree under the root.
@@ -144,6 +147,12 @@ def _load_kinds(kind: str) -> None:
     # themselves when imported; import them only when asked for one.
     if kind not in RESTORERS:
         import migrator.runtime  # noqa: F401
+
+
+def needs_flat_images(images_dir: str) -> bool:
+    m = read_manifest(images_dir)
+    _load_kinds(m["kind"])
+    return m["kind"] in FLAT_IMAGES
 
 
 def restore(images_dir: str, lazy: bool = False) -> int:

@@ -206,11 +206,6 @@ class ContainerWorkload(wl.Workload):
                 "network": self.net.manifest() if self.net else None}
 
 
-def container_workload(container_id: str, runtime: Optional[str] = None,
-                       shared_storage: bool = False) -> ContainerWorkload:
-    return ContainerWorkload(container_id, runtime, shared_storage)
-
-
 # ---------------------------------------------------------- destination
 
 def _criu_config(rt: Runtime, cid: str, bundle_spec: dict) -> str:

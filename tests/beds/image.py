@@ -51,6 +51,12 @@ VARIANT = "minbase"
 CRIU_SUITE = "forky"
 CRIU_PACKAGES = ("criu", "libcriu2")
 
+# podman and what it runs containers with, from trixie with apt (its
+# dependencies are more than debootstrap's resolver handles), in the host
+# architecture's image only: the emulated arm64 guest runs no containers,
+# and its image would take 20 minutes to rebuild for them.
+PODMAN_PACKAGES = ("podman", "conmon", "netavark", "aardvark-dns", "catatonit")
+
 # What a node needs: runtimes and CRIU (iptables: CRIU locks the network with
 # iptables-restore), tools the beds drive (iproute2, procps), busybox-static
 # as a ready-made container rootfs, and everything the project needs to run
@@ -140,6 +146,8 @@ def recipe_key(arch: Optional[str] = None) -> str:
         # Only foreign images name their architecture in the recipe: the
         # host's key stays what it was before images had an architecture.
         parts.append(f"arch={arch}")
+    else:
+        parts.append(",".join(PODMAN_PACKAGES))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -369,7 +377,8 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
             f"debootstrap failed (exit {rc}); log {logfile}:\n" + "\n".join(tail)
         )
     logfile.unlink(missing_ok=True)
-    _install_newer_criu(tmp, mirror, log)
+    _install_newer_criu(tmp, mirror, log,
+                        extra=PODMAN_PACKAGES if arch == host_arch() else ())
 
     if CA_BUNDLE.exists():
         dest = tmp / str(CA_BUNDLE).lstrip("/")
@@ -388,8 +397,9 @@ def _build(tmp: pathlib.Path, mirror: str, log: Callable[[str], None], verbose: 
 
 
 def _install_newer_criu(root: pathlib.Path, mirror: str,
-                        log: Callable[[str], None]) -> None:
-    """CRIU_PACKAGES from CRIU_SUITE into the fresh root (see CRIU_SUITE)."""
+                        log: Callable[[str], None], extra: tuple = ()) -> None:
+    """CRIU_PACKAGES from CRIU_SUITE into the fresh root (see CRIU_SUITE),
+    then `extra` packages from SUITE (PODMAN_PACKAGES)."""
     src = root / "etc/apt/sources.list.d/migrator-criu.list"
     src.write_text(f"deb {mirror} {CRIU_SUITE} main\n")
     # Nothing else may come from that suite unless CRIU needs it.
@@ -405,13 +415,17 @@ def _install_newer_criu(root: pathlib.Path, mirror: str,
               "apt-get -q -o Acquire::Check-Valid-Until=false update && "
               "DEBIAN_FRONTEND=noninteractive apt-get -q install -y "
               f"--no-install-recommends -t {CRIU_SUITE} {' '.join(CRIU_PACKAGES)}")
-    log(f"installing {', '.join(CRIU_PACKAGES)} from {CRIU_SUITE}")
+    if extra:
+        script += (" && DEBIAN_FRONTEND=noninteractive apt-get -q install -y "
+                   f"--no-install-recommends {' '.join(extra)}")
+    log(f"installing {', '.join(CRIU_PACKAGES)} from {CRIU_SUITE}"
+        + (f", {', '.join(extra)} from {SUITE}" if extra else ""))
     r = subprocess.run(["unshare", "--mount", "--propagation", "private",
                         "chroot", str(root), "sh", "-c", script],
                        capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     try:
         if r.returncode != 0:
-            raise ImageError(f"installing CRIU from {CRIU_SUITE} failed:\n"
+            raise ImageError(f"installing CRIU from {CRIU_SUITE} (and {extra}) failed:\n"
                              + (r.stdout + r.stderr)[-3000:])
     finally:
         # The image keeps no list of the other suite: nodes never upgrade.
