@@ -94,6 +94,13 @@ class PodmanWorkload(wl.Workload):
         st = info.get("State", {})
         if st.get("Status") != "running" or not st.get("Pid"):
             raise OciError(f"podman container {name} is {st.get('Status')}, not running")
+        if info.get("OCIRuntime") != "runc":
+            # The restore leaves the tasks stopped through the CRIU config
+            # file of the org.criu.config annotation, which runc reads and
+            # crun does not.
+            raise OciError(f"podman container {name} runs under "
+                           f"{info.get('OCIRuntime')}: migrator moves podman "
+                           "containers that run under runc (podman --runtime runc)")
         self.id = info["Id"]
         self.name = info.get("Name", name)
         self.pid = int(st["Pid"])
