@@ -5,10 +5,11 @@ anonymous memory (the pagemap entries CRIU flags ``PE_LAZY``) and hands
 each restored process's userfaultfd to a ``criu lazy-pages`` daemon, which
 fills a page when the process first touches it and copies every other
 page in the background; it exits once all pages are in.  Here both run on
-the destination, and the daemon asks the receiver for the pages over
-CRIU's page-server protocol (criu/page_server.py StorePageServer), which
-reads them from the page stores: nothing is copied before the tree
-resumes, and no page waits for the network.
+the destination, and the daemon asks for the pages over CRIU's
+page-server protocol (criu/page_server.py StorePageServer, run as a
+process of its own by migration/store_server.py), which reads them from
+the page stores: nothing is copied before the tree resumes, and no page
+waits for the network.
 
 The cost is a window of risk: until the daemon exits, part of the tree's
 memory exists only in the images.  If the daemon dies (killed, out of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from typing import Optional
@@ -42,28 +44,31 @@ class LazyPages:
 
     @classmethod
     def start(cls, images_dir: str, timeout: float = 10.0,
-              page_server=None) -> "LazyPages":
+              ps_socket: Optional[socket.socket] = None) -> "LazyPages":
         """Start the daemon and wait until it listens (CRIU's restore
-        fails at once if the socket is not there).  page_server: a
-        started StorePageServer to ask for the lazy pages; without one
-        the daemon reads them from the images."""
+        fails at once if the socket is not there).  ps_socket: the
+        daemon's end of a socket to a page server that answers for the
+        lazy pages (closed here once the daemon has it); without one the
+        daemon reads them from the images."""
         images_dir = os.fspath(images_dir)
         argv = [criu_binary(), "lazy-pages", "-D", images_dir, "-W", images_dir,
                 "-o", LOG, f"-v{LOG_LEVEL}"]
-        if page_server is not None:
-            argv += page_server.criu_args()
+        fds: tuple[int, ...] = ()
+        if ps_socket is not None:
+            fds = (ps_socket.fileno(),)
+            argv += ["--page-server", "--ps-socket", str(fds[0])]
         try:
-            # Output goes to the log only: the daemon must not die on a
-            # closed pipe.
+            # Output goes to the log only, and a session of its own: the
+            # daemon must not die on a closed pipe or with the receiver's
+            # Ctrl-C while the tree depends on it.
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(page_server.criu_fd,) if page_server else ())
+                stderr=subprocess.DEVNULL, pass_fds=fds, start_new_session=True)
         except OSError as e:
             raise CriuError("lazy-pages", f"cannot run {argv[0]}: {e.strerror}") from e
         finally:
-            if page_server is not None:
-                page_server.criu_started()
+            if ps_socket is not None:
+                ps_socket.close()
         daemon = cls(images_dir, proc)
         end = time.monotonic() + timeout
         sock = os.path.join(images_dir, SOCKET)

@@ -223,6 +223,16 @@ class _Peer:
                 sk.close()
                 setattr(self, attr, None)
 
+    def serve(self, sock: socket.socket) -> None:
+        """Serve `sock` in the calling thread until CRIU says CLOSE (a
+        process whose only job this is); PageServerError otherwise."""
+        self._sock = sock
+        self._serve()
+        if self._error is not None:
+            raise PageServerError(str(self._error)) from self._error
+        if not self._done:
+            raise PageServerError("CRIU ended without closing the page server")
+
     def _accept(self) -> socket.socket:
         while True:
             try:

@@ -26,14 +26,15 @@ import os
 import queue
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
 
 from migrator.criu import images, runner
 from migrator.criu.lazy import LazyPages
-from migrator.criu.page_server import PageServerError, StorePageServer
-from migrator.migration import levels, workload
+from migrator.migration import levels, store_server, workload
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.protocol.connection import ConnectionClosed, State
@@ -42,6 +43,10 @@ from migrator.protocol.frames import (Abort, Commit, Error, Images, PageBatch,
                                       StartMigration, SwitchOver, decode_pages)
 
 log = logging.getLogger("migrator.destination")
+
+STORE_SERVER_LOG = "store-server.log"   # in the images directory
+# after the lazy-pages daemon ended, how long its store server may take
+STORE_SERVER_TIMEOUT = 30.0
 
 
 class Undecided(Exception):
@@ -112,7 +117,8 @@ class Session:
         self.lazy = lazy  # restore with CRIU's lazy-pages daemon (criu/lazy.py)
         self.lazy_timeout = lazy_timeout
         self.lazy_pages: LazyPages | None = None
-        self.lazy_server: StorePageServer | None = None
+        # the process that serves the daemon from the stores (store_server.py)
+        self.lazy_server: subprocess.Popen | None = None
         # asked now, not in the downtime
         self.criu_version = runner.criu_version() if lazy else None
         self.base = base
@@ -186,8 +192,6 @@ class Session:
             raise
         finally:
             self._stop_writer()
-            if self.lazy_server is not None:
-                self.lazy_server.close()  # its daemon has ended by now
             for f in self.files.values():
                 f.close()
             for s in self.stores.values():
@@ -204,13 +208,45 @@ class Session:
         t0 = time.monotonic()
         try:
             self.lazy_pages.wait(self.lazy_timeout)
-            self.lazy_server.finish()
-        except (runner.CriuError, PageServerError) as e:
+            self._wait_store_server()
+        except runner.CriuError as e:
             raise RuntimeError(f"lazy restore failed after the hand-over ({e}); the "
                                f"restored tree {self.restored} lacked memory and was "
                                "killed") from e
         log.info("lazy restore: every page in %.1f s after the resume",
                  time.monotonic() - t0)
+
+    def _start_store_server(self) -> socket.socket:
+        """Start store_server.py on one end of a socket pair; the other end
+        is for the lazy-pages daemon."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        state = os.path.join(self.dir, "lazy-stores.msgpack")
+        store_server.write_state(state, self.stores)
+        with open(os.path.join(self.images_dir, STORE_SERVER_LOG), "wb") as err:
+            try:
+                self.lazy_server = subprocess.Popen(
+                    [sys.executable, "-m", "migrator.migration.store_server", state,
+                     str(ours.fileno()), self.criu_version],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    pass_fds=(ours.fileno(),), start_new_session=True)
+            except BaseException:
+                theirs.close()
+                raise
+            finally:
+                ours.close()
+        return theirs
+
+    def _wait_store_server(self) -> None:
+        try:
+            rc = self.lazy_server.wait(STORE_SERVER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.lazy_server.kill()
+            self.lazy_server.wait()
+            rc = "killed, still running"
+        if rc != 0:
+            with open(os.path.join(self.images_dir, STORE_SERVER_LOG), errors="replace") as f:
+                why = f.read().strip()[-1000:]
+            raise runner.CriuError("lazy-pages", f"store server exit status {rc}: {why}")
 
     def _image(self, chunk: Images) -> None:
         # Names were checked by the protocol (a bare name, no path); refuse
@@ -232,10 +268,8 @@ class Session:
             self._prepare_pages()
             t1 = time.monotonic()
             if self.lazy:
-                self.lazy_server = StorePageServer(self.stores, self.criu_version)
-                self.lazy_server.start()
                 self.lazy_pages = LazyPages.start(self.images_dir,
-                                                  page_server=self.lazy_server)
+                                                  ps_socket=self._start_store_server())
             self.restored = workload.restore(self.images_dir, lazy=self.lazy)
         except Exception as e:  # noqa: BLE001 - reported to the source
             msg = str(e) or type(e).__name__
@@ -287,15 +321,8 @@ class Session:
             log.error(msg)
             self.emit({"event": "undecided", "migration": self.id,
                        "pid": self.restored, "message": msg})
-            if self.lazy_pages is not None:
-                # The daemon reads from the stores through us: let it put
-                # every page into the stopped tree before they go.
-                try:
-                    self.lazy_pages.wait(self.lazy_timeout)
-                except runner.CriuError as e:
-                    log.error("lazy restore of the undecided tree %d failed (%s): "
-                              "its memory is incomplete, do not commit it",
-                              self.restored, e)
+            # A lazy-pages daemon and its store server go on filling the
+            # stopped tree on their own (they hold the stores open).
             for s in self.stores.values():
                 s.remove()
             return
@@ -303,6 +330,9 @@ class Session:
             workload.kill_tree(self.restored)
         if self.lazy_pages is not None:
             self.lazy_pages.kill()
+        if self.lazy_server is not None and self.lazy_server.poll() is None:
+            self.lazy_server.kill()  # ours, by its pid
+            self.lazy_server.wait()
         if self.dir:
             _remove_migration(self.dir)
 

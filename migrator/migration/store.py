@@ -226,5 +226,24 @@ class PageStore:
                     i += 1
         return RangeList(runs)
 
+    def state(self) -> dict:
+        """What another process needs to read this store (open_state)."""
+        return {"path": self.path, "page_size": self.page_size,
+                "blocks": self._blocks,
+                "held": {b: bytes(f) for b, f in self._held.items()}}
+
+    @classmethod
+    def open_state(cls, state: dict) -> "PageStore":
+        """A read-only view of a store described by state(), its segment
+        files opened by name (they stay readable when unlinked later)."""
+        st = cls(state["path"], state["page_size"])
+        st._blocks = [list(b) for b in state["blocks"]]
+        st._where = {b: (seg, slot) for seg, bl in enumerate(st._blocks)
+                     for slot, b in enumerate(bl)}
+        st._held = {b: bytearray(f) for b, f in state["held"].items()}
+        st._fds = [os.open(st.segment_path(k), os.O_RDONLY | os.O_CLOEXEC)
+                   for k in range(len(st._blocks))]
+        return st
+
     def disk_bytes(self) -> int:
         return sum(os.fstat(fd).st_blocks * 512 for fd in self._fds if fd >= 0)

@@ -215,3 +215,37 @@ def test_store_server_never_invents_pages(store, get, why):
             ps.finish()
     finally:
         ps.close()
+
+
+@pytest.mark.parametrize("vaddr, ok", [(0x41000, True), (0x46000, False)])
+def test_store_server_process(store, tmp_path, vaddr, ok):
+    """migration/store_server.py, as the receiver starts it: a process of
+    its own serving a daemon's GETs; exit 0 after CLOSE, else 1 and why."""
+    import subprocess
+    import sys
+
+    from migrator.migration import store_server
+    state = str(tmp_path / "state")
+    store_server.write_state(state, {7: store})
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.migration.store_server",
+                             state, str(ours.fileno()), "4.2.1"],
+                            pass_fds=(ours.fileno(),), stderr=subprocess.PIPE, text=True)
+    ours.close()
+    try:
+        theirs.sendall(HEADER_NEW.pack(PS_IOV_GET, 1, vaddr, 7))
+        if ok:
+            assert HEADER_NEW.unpack(theirs.recv(HEADER_NEW.size, socket.MSG_WAITALL))[1:] \
+                == (1, vaddr, 7)
+            assert theirs.recv(P, socket.MSG_WAITALL) == page(4)
+            theirs.sendall(HEADER_NEW.pack(PS_IOV_FORCE_CLOSE, 0, 0, 0))
+            assert theirs.recv(4, socket.MSG_WAITALL) == struct.pack("=i", 0)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        theirs.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (0 if ok else 1), err
+    if not ok:
+        assert "not in the store" in err

@@ -49,3 +49,31 @@ def test_far_apart_pages_stay_sparse(tmp_path):
         # two 2 MiB slots of file, two pages of disk: not 127 TiB
         assert os.path.getsize(s.segment_path(0)) <= 2 * BLOCK
         assert s.disk_bytes() <= 64 * PAGE_SIZE
+
+
+def test_another_process_reads_the_store_from_its_state(tmp_path):
+    """state() / open_state(): what store_server.py opens in a process of
+    its own (after a msgpack round trip, as it gets it), reading the same
+    pages, and still reading them once the files are unlinked."""
+    import msgpack
+
+    from migrator.migration import store_server
+    s = PageStore(str(tmp_path / "s"))
+    pages = {5 * BLOCK: b"a", BLOCK + PAGE_SIZE: b"b", 9 * BLOCK: b"c"}
+    for addr, tag in pages.items():   # 5 then 1 then 9: two segments
+        s.put(addr, tag * PAGE_SIZE)
+    path = str(tmp_path / "state")
+    store_server.write_state(path, {7: s})
+    with open(path, "rb") as f:
+        state = msgpack.unpackb(f.read(), strict_map_key=False)
+    r = PageStore.open_state(state[7])
+    s.remove()
+    try:
+        assert len(r.segments()) == 2
+        for addr, tag in pages.items():
+            assert r.get(addr, 1) == (tag * PAGE_SIZE, RangeList())
+        data, missing = r.get(BLOCK, 2)
+        assert data[PAGE_SIZE:] == b"b" * PAGE_SIZE
+        assert missing == RangeList([(BLOCK, BLOCK + PAGE_SIZE)])
+    finally:
+        r.close()
