@@ -57,6 +57,7 @@ import struct
 import threading
 from typing import Optional
 
+from migrator import faults
 from migrator.criu import images
 from migrator.criu.images import PE_PARENT, PE_PRESENT, Pagemap, PagemapEntry
 from migrator.ranges import PAGE_SIZE, RangeList
@@ -428,6 +429,7 @@ class StorePageServer(_Peer):
             raise PageServerError(f"pages of pid {dst_id} asked for; no store")
         if nr_pages == 0 or nr_pages * self.psize > MAX_GET or vaddr % self.psize:
             raise PageServerError(f"bad request {vaddr:#x} + {nr_pages} pages")
+        faults.pause("store-server-slow", 0.05)
         data, missing = store.get(vaddr, nr_pages)
         if missing:
             # never a zero page for one that was not sent

@@ -20,6 +20,7 @@ hand-over.  Before that point any failure discards everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -176,6 +177,10 @@ class Session:
                     self.awaiting_commit = False
                     workload.resume_restored(self.images_dir, self.restored)
                     log.info("committed: restored tree %d resumed", self.restored)
+                    # Nothing is left to decide, even if we die while a
+                    # lazy restore still fills the tree.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._state_path())
                     if self.lazy_pages is not None:
                         self._finish_lazy()
                     self._forget_state()

@@ -140,8 +140,8 @@ def test_round_trips(pair, tracker):
 
 def test_lazy_restore_round_trip(pair):
     """recv --lazy-restore: the tree resumes before its memory is in, CRIU's
-    lazy-pages daemon fills it from the page store (through the parent
-    levels) meanwhile, and the workload's check of its whole memory, every
+    lazy-pages daemon fills it from the page store (through the store
+    server) meanwhile, and the workload's check of its whole memory, every
     tick, stays ok on both nodes."""
     a, b = pair
     w = Workload(a, "lazy", mib=32)
@@ -156,6 +156,39 @@ def test_lazy_restore_round_trip(pair):
             w.keeps_running(dst)
         w.assert_healthy()
     finally:
+        w.stop(a)
+        w.stop(b)
+
+
+def test_lazy_fill_outlives_the_receiver(pair):
+    """The receiver is SIGKILLed right after the hand-over, while the
+    lazy-pages daemon is still filling the tree (each page request slowed
+    by MIGRATOR_FAULT=store-server-slow): the daemon and its store server
+    are not the receiver's, so the tree still gets every page."""
+    from migrator.kernel.procfs import process_tree
+    a, b = pair
+    w = Workload(a, "lazykill", mib=32)
+    log = f"/tmp/recv-lazykill-{time.monotonic_ns()}.log"
+    svc = b.spawn(["env", "MIGRATOR_FAULT=store-server-slow", "python3", "-m",
+                   "migrator", "recv", "--listen", f"{a.peers['b']}:{PORT}",
+                   "--dir", "/var/tmp/mig", "--json", "--once", "--insecure",
+                   "--lazy-restore"], log=log)
+    try:
+        wait_for(lambda: os.path.exists(log) and "listening" in open(log).read(),
+                 20, "the receiver to listen")
+        r, events = send(a, w.pid, a.peers["b"], "--insecure")
+        assert r.returncode == 0 and events[-1]["event"] == "done", r.stderr[-2000:]
+        recv_pid = next(p for p in process_tree(svc.pid)
+                        if b"migrator\0recv" in open(f"/proc/{p}/cmdline", "rb").read())
+        filling = b.run("pgrep -f 'criu lazy-pages'", check=False).stdout.split()
+        os.kill(recv_pid, signal.SIGKILL)
+        assert filling, "the daemon had finished before the receiver was killed"
+        wait_for(lambda: not b.run("pgrep -f 'criu lazy-pages'", check=False).stdout.strip(),
+                 60, "the lazy-pages daemon to finish")
+        w.keeps_running(b, ticks=10)
+        w.assert_healthy()
+    finally:
+        svc.stop()
         w.stop(a)
         w.stop(b)
 
