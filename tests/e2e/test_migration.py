@@ -180,10 +180,10 @@ def test_lazy_fill_outlives_the_receiver(pair):
         assert r.returncode == 0 and events[-1]["event"] == "done", r.stderr[-2000:]
         recv_pid = next(p for p in process_tree(svc.pid)
                         if b"migrator\0recv" in open(f"/proc/{p}/cmdline", "rb").read())
-        filling = b.run("pgrep -f 'criu lazy-pages'", check=False).stdout.split()
+        filling = b.run("pgrep -f 'criu [l]azy-pages'", check=False).stdout.split()
         os.kill(recv_pid, signal.SIGKILL)
         assert filling, "the daemon had finished before the receiver was killed"
-        wait_for(lambda: not b.run("pgrep -f 'criu lazy-pages'", check=False).stdout.strip(),
+        wait_for(lambda: not b.run("pgrep -f 'criu [l]azy-pages'", check=False).stdout.strip(),
                  60, "the lazy-pages daemon to finish")
         w.keeps_running(b, ticks=10)
         w.assert_healthy()
