@@ -176,11 +176,17 @@ class Cgroup:
                 raise OciError(f"{self.path}: not frozen after {timeout}s")
             time.sleep(0.002)
 
-    def thaw(self) -> None:
-        if self.v2:
-            self._write("cgroup.freeze", "0")
-        else:
-            self._write("freezer.state", "THAWED")
+    def thaw(self, gone_ok: bool = False) -> None:
+        """gone_ok: a cgroup that no longer exists (the container is
+        gone) is not an error."""
+        try:
+            if self.v2:
+                self._write("cgroup.freeze", "0")
+            else:
+                self._write("freezer.state", "THAWED")
+        except OSError:
+            if not gone_ok:
+                raise
 
 
 def cgroup_of(pid: int) -> Cgroup:

@@ -131,18 +131,12 @@ class PodmanWorkload(wl.Workload):
 
     def resume(self) -> None:
         if self.frozen:
-            try:
-                self.cgroup.thaw()
-            except OSError:
-                pass  # the container is gone
+            self.cgroup.thaw(gone_ok=True)
             self.frozen = False
 
     def destroy(self) -> None:
         podman(["rm", "-f", "-t", "0", self.id], check=False)
-        try:
-            self.cgroup.thaw()  # a v1-frozen task does not die until thawed
-        except OSError:
-            pass
+        self.cgroup.thaw(gone_ok=True)  # a v1-frozen task does not die until thawed
 
     def manifest(self) -> dict:
         return {"kind": self.kind, "runtime": "podman", "id": self.id,

@@ -180,18 +180,12 @@ class ContainerWorkload(wl.Workload):
                 pass  # the container is gone
             self.isolated = False
         if self.frozen:
-            try:
-                self.cgroup.thaw()
-            except OSError:
-                pass  # the container is gone
+            self.cgroup.thaw(gone_ok=True)
             self.frozen = False
 
     def destroy(self) -> None:
         oci.run(self.kind, ["kill", self.id, "KILL"], check=False)
-        try:
-            self.cgroup.thaw()  # a v1-frozen task does not die until thawed
-        except OSError:
-            pass
+        self.cgroup.thaw(gone_ok=True)  # a v1-frozen task does not die until thawed
         end = time.monotonic() + KILL_TIMEOUT
         while time.monotonic() < end and self.cgroup.procs():
             time.sleep(0.01)
