@@ -55,7 +55,8 @@ CRIU_PACKAGES = ("criu", "libcriu2")
 # dependencies are more than debootstrap's resolver handles), in the host
 # architecture's image only: the emulated arm64 guest runs no containers,
 # and its image would take 20 minutes to rebuild for them.
-PODMAN_PACKAGES = ("podman", "conmon", "netavark", "aardvark-dns", "catatonit")
+PODMAN_PACKAGES = ("podman", "conmon", "netavark", "aardvark-dns", "catatonit",
+                   "nftables")  # netavark sets up podman's networks with nft
 
 # What a node needs: runtimes and CRIU (iptables: CRIU locks the network with
 # iptables-restore), tools the beds drive (iproute2, procps), busybox-static
