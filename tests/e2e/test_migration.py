@@ -167,7 +167,7 @@ def test_lazy_fill_outlives_the_receiver(pair):
     are not the receiver's, so the tree still gets every page."""
     from migrator.kernel.procfs import process_tree
     a, b = pair
-    w = Workload(a, "lazykill", mib=32)
+    w = Workload(a, "lazykill", mib=64)
     log = f"/tmp/recv-lazykill-{time.monotonic_ns()}.log"
     svc = b.spawn(["env", "MIGRATOR_FAULT=store-server-slow", "python3", "-m",
                    "migrator", "recv", "--listen", f"{a.peers['b']}:{PORT}",
