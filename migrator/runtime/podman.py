@@ -54,6 +54,7 @@ CHECKPOINT_DIR = "checkpoint/"         # CRIU's images inside podman's archive
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 CONFIG_DIR = "/run/migrator"
 TIMEOUT = 300.0
+EXISTS_TIMEOUT = 30.0
 
 
 def podman(args: list[str], timeout: float = TIMEOUT, check: bool = True
@@ -73,7 +74,12 @@ def exists(name: str) -> bool:
     """Whether podman here has a container `name` (id or name)."""
     if not shutil.which("podman") and not os.environ.get("MIGRATOR_PODMAN"):
         return False
-    return podman(["container", "exists", name], check=False).returncode == 0
+    try:
+        return podman(["container", "exists", name], timeout=EXISTS_TIMEOUT,
+                      check=False).returncode == 0
+    except OciError as e:  # a podman that hangs must not hold up runc's containers
+        log.warning("%s: taking %s for a runc/crun container", e, name)
+        return False
 
 
 def inspect(name: str) -> dict:
