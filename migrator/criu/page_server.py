@@ -19,7 +19,8 @@ the stopped process itself.
 StorePageServer (the destination, lazy restore): ``criu lazy-pages
 --page-server`` asks for the pages of lazy pagemap entries (PS_IOV_GET)
 instead of reading image files; we answer from the page stores, so a lazy
-restore copies nothing before the tree resumes.
+restore copies nothing before the tree resumes.  It runs in a process of
+its own (migration/store_server.py), serve() in its main thread.
 
 Protocol (CRIU's criu/page-xfer.c; host byte order, one header per
 message)::
