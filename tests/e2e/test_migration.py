@@ -230,11 +230,13 @@ def test_shared_memory_round_trip(pair):
         w.stop(b)
 
 
-def test_process_tree_moves_whole(pair):
+@pytest.mark.parametrize("recv_extra", [(), ("--lazy-restore",)], ids=["plain", "lazy"])
+def test_process_tree_moves_whole(pair, recv_extra):
     """A shell with two counting children: the whole tree moves, every
-    process tracked on its own, pids kept."""
+    process tracked on its own, pids kept (lazily: the store server answers
+    for each process's pages)."""
     a, b = pair
-    progress = [f"/shared/tree-{i}.progress" for i in (1, 2)]
+    progress = [f"/shared/tree-{i}-{len(recv_extra)}.progress" for i in (1, 2)]
     root = int(a.run(
         "setsid sh -c '"
         + " ".join(f"python3 {WORKLOADS}/counter.py {p} 4 0.05 &" for p in progress)
@@ -249,10 +251,12 @@ def test_process_tree_moves_whole(pair):
             w.pid = int(w.lines()[-1][1])
             workers.append(w)
         kids = [w.pid for w in workers]
-        svc, log = receiver(b, a.peers["b"], "--insecure")
+        svc, log = receiver(b, a.peers["b"], "--insecure", *recv_extra)
         r, events = send(a, root, a.peers["b"], "--insecure")
         svc.wait(timeout=30)
         assert r.returncode == 0, r.stderr[-2000:]
+        if recv_extra:
+            assert "lazy restore: every page in" in open(log).read()
         tracked = {p["pid"]: p["tracker"] for p in events[0]["processes"]}
         assert set(tracked) == {root, *kids}, tracked
         for w in workers:
