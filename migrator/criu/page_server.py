@@ -388,8 +388,12 @@ class DumpPageServer(_Peer):
         size = nr_pages * self.psize
         if nr_pages == 0 or vaddr % self.psize or vaddr + size > 1 << 64:
             raise PageServerError(f"bad entry {vaddr:#x} + {nr_pages} pages")
-        cur.pagemap.entries.append(PagemapEntry(vaddr=vaddr, compat_nr_pages=0, flags=flags,
-                              nr_pages=nr_pages))
+        if self.header is HEADER_OLD:   # CRIU < 4.2: a 32-bit count in field 2
+            entry = PagemapEntry(vaddr=vaddr, compat_nr_pages=nr_pages, flags=flags)
+        else:
+            entry = PagemapEntry(vaddr=vaddr, compat_nr_pages=0, flags=flags,
+                                 nr_pages=nr_pages)
+        cur.pagemap.entries.append(entry)
         if not flags & PE_PRESENT:
             return
         run = RangeList([(vaddr, vaddr + size)])

@@ -166,6 +166,23 @@ def test_tcp_page_server_that_criu_never_reached(tmp_path):
         ps.close()
 
 
+def test_dump_from_criu_before_4_2(tmp_path):
+    """CRIU 4.1: a 24-byte header, and pagemaps whose page count is the
+    32-bit field 2 (it does not know field 5)."""
+    ps = DumpPageServer(str(tmp_path), {}, criu_version="4.1.1")
+    ps.start()
+    try:
+        c = Criu(ps, header=HEADER_OLD)
+        c.open2(PS_TYPE_PID, 3)
+        c.send(PS_IOV_ADD_F, 2, 0x9000, 3 << 8 | PS_TYPE_PID, PE_PRESENT, page(6, 2))
+        c.close()
+        assert ps.finish() == {3: RangeList([(0x9000, 0xB000)])}
+    finally:
+        ps.close()
+    (e,) = images.read_pagemap(tmp_path, 3).entries
+    assert (e.vaddr, e.compat_nr_pages, e.nr_pages, e.flags) == (0x9000, 2, None, PE_PRESENT)
+
+
 def test_header_layout_follows_the_criu_version():
     assert header_for("4.2.1") is HEADER_NEW and HEADER_NEW.size == 32
     assert header_for("4.1.1") is HEADER_OLD and HEADER_OLD.size == 24
