@@ -12,7 +12,7 @@ the page stores: nothing is copied before the tree resumes, and no page
 waits for the network.
 
 The cost is a window of risk: until the daemon exits, part of the tree's
-memory exists only in the images.  If the daemon dies (killed, out of
+memory exists only in the page stores.  If the daemon dies (killed, out of
 memory), pages it had not copied would read as zeroes once its
 userfaultfd closes, so a failed daemon means the restored tree must be
 killed.  The daemon talks to the restore over ``lazy-pages.socket`` in

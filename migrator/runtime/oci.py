@@ -108,6 +108,16 @@ def detect(cid: str) -> str:
                         "say which with --runtime")
 
 
+def task_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (a restore left it so); a task that is
+    gone counts as stopped: nothing of it runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return True
+
+
 # ------------------------------------------------------------- cgroups
 
 def _mountinfo() -> list[tuple[str, str, str, str]]:

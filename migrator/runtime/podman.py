@@ -45,7 +45,6 @@ import tempfile
 from migrator.migration import workload as wl
 from migrator.runtime import oci
 from migrator.runtime.oci import OciError
-from migrator.runtime.runc import _stopped
 
 log = logging.getLogger("migrator.runtime")
 
@@ -214,7 +213,7 @@ def restore(images_dir: str, manifest: dict) -> int:
     try:
         pid = int(inspect(cid)["State"]["Pid"])
         cg = oci.cgroup_of(pid)
-        running = [p for p in cg.procs() if not _stopped(p)]
+        running = [p for p in cg.procs() if not oci.task_stopped(p)]
         if running:
             raise OciError(f"restored {cid} but tasks {running} run before the "
                            "commit (CRIU ignored leave-stopped)")

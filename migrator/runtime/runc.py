@@ -96,14 +96,6 @@ def _criu_errors(log_path: str) -> str:
     return ("\n  CRIU: " + "\n  ".join(lines[:20])) if lines else ""
 
 
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except OSError:
-        return True  # gone: nothing runs
-
-
 class ContainerWorkload(wl.Workload):
     """A runc / crun container: every process of its cgroup."""
 
@@ -280,7 +272,7 @@ def restore(images_dir: str, manifest: dict) -> int:
     try:
         st = oci.state(rt.name, cid)
         cg = oci.cgroup_of(st.pid)
-        running = [p for p in cg.procs() if not _stopped(p)]
+        running = [p for p in cg.procs() if not oci.task_stopped(p)]
         if running:
             raise OciError(f"restored {cid} but tasks {running} run before the "
                            "commit (CRIU ignored leave-stopped)")
