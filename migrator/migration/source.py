@@ -460,20 +460,22 @@ class Source:
     def _send_delta(self) -> int:
         """Pages of the dump that the destination does not hold clean.
         The pagemap is compared with the clean set first; only the pages
-        needed are read from CRIU's pages file."""
+        needed are read from the dump's pages file, after the holes the
+        page server left among them are filled (_fill_holes)."""
         total = 0
         max_pages = self.opts.batch_pages
         buf = bytearray(max_pages * PAGE_SIZE)
+        ours = {k: p for p, k in self.ckpt.items()}
         for pid in images.pagemap_pids(self.dump_dir):
             if pid not in self.clean:
                 continue  # not announced: its pages travel as image files
             clean = self.clean[pid]
+            kept = None if self.kept is None else self.kept.get(pid, RangeList())
             before = total
+            filled = 0
             pm = images.read_pagemap(self.dump_dir, pid)
             path = os.path.join(self.dump_dir, pm.pages_name)
-            if self.kept is not None:
-                self._fill_holes(pid, clean)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 pending: list[tuple[int, int, int]] = []   # (addr, npages, offset)
                 count = 0
@@ -498,6 +500,10 @@ class Source:
                         self.dump_dir, pid, with_data=False, chunk_bytes=1 << 62):
                     end = vaddr + n * PAGE_SIZE
                     need = RangeList([(vaddr, end)]) - clean.clip(vaddr, end)
+                    if kept is not None:
+                        filled += self._fill_holes(fd, pid, ours.get(pid),
+                                                   need - kept.clip(vaddr, end),
+                                                   vaddr, off)
                     for s, e in need:
                         if pending and s < pending[-1][0] + pending[-1][1] * PAGE_SIZE:
                             flush()  # runs of a batch must ascend
@@ -513,48 +519,37 @@ class Source:
             finally:
                 os.close(fd)
             dumped = sum(n for _, n in images.dumped_runs(pm))
+            if filled:
+                log.info("pid %d: %d pages written since the last round read "
+                         "from the stopped process", pid, filled)
             log.info("pid %d: %d of %d dumped pages cross in the final step "
                      "(%d pages known clean)", pid, total - before, dumped,
                      clean.npages())
         return total
 
-    def _fill_holes(self, pid: int, clean: RangeList) -> None:
-        """Write into the pages file the dumped pages the delta needs and
-        the page server left out (clean when the dump began, written
-        before the freeze): read from the stopped tasks, whose memory is
-        what they resume with.  Afterwards no page of the delta is a hole."""
-        holes_total = 0
-        ours = {k: p for p, k in self.ckpt.items()}.get(pid)
-        path = os.path.join(self.dump_dir, images.read_pagemap(
-            self.dump_dir, pid).pages_name)
-        kept = self.kept.get(pid, RangeList())
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            for vaddr, n, off in images.iter_pages(
-                    self.dump_dir, pid, with_data=False, chunk_bytes=1 << 62):
-                end = vaddr + n * PAGE_SIZE
-                holes = RangeList([(vaddr, end)]) - clean.clip(vaddr, end) \
-                    - kept.clip(vaddr, end)
-                if not holes:
-                    continue
-                if ours is None:
-                    raise MigrationError("switchover", f"pid {pid}: dumped pages "
-                                         "left out and no process to read them from")
-                data, gone = read_ranges(ours, holes)
-                if gone:
-                    raise MigrationError(
-                        "switchover", f"pid {pid}: pages {gone!r} changed during "
-                        "the checkpoint and cannot be read back")
-                pos = 0
-                for s, e in holes:
-                    pwrite_all(fd, data[pos:pos + e - s], off + (s - vaddr))
-                    pos += e - s
-                holes_total += holes.npages()
-        finally:
-            os.close(fd)
-        if holes_total:
-            log.info("pid %d: %d pages written since the last round read from "
-                     "the stopped process", pid, holes_total)
+    @staticmethod
+    def _fill_holes(fd: int, pid: int, ours: int | None, holes: RangeList,
+                    vaddr: int, off: int) -> int:
+        """Write into the pages file (fd; the entry at vaddr starts at off)
+        the pages of the delta the page server left out (clean when the
+        dump began, written before the freeze): read from the stopped
+        tasks, whose memory is what they resume with, so that no page of
+        the delta is sent from a hole.  Returns the pages written."""
+        if not holes:
+            return 0
+        if ours is None:
+            raise MigrationError("switchover", f"pid {pid}: dumped pages "
+                                 "left out and no process to read them from")
+        data, gone = read_ranges(ours, holes)
+        if gone:
+            raise MigrationError(
+                "switchover", f"pid {pid}: pages {gone!r} changed during "
+                "the checkpoint and cannot be read back")
+        pos = 0
+        for s, e in holes:
+            pwrite_all(fd, data[pos:pos + e - s], off + (s - vaddr))
+            pos += e - s
+        return holes.npages()
 
     def _send_images(self) -> None:
         write_manifest(self.dump_dir, self.workload.manifest())
