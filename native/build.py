@@ -14,7 +14,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["inject.c", "seccomp.c", "uffd.c", "pagemap_scan.c", "softdirty.c",
-           "vmread.c"]
+           "vmread.c", "crc32c.c"]
 HEADERS = ["migrator_native.h", "uapi_compat.h"]
 
 CDEF = """
@@ -72,6 +72,10 @@ long mig_softdirty_scan(int pagemap_fd, uint64_t start, uint64_t end,
 long mig_vm_read(int pid, const struct mig_range *src, size_t n, void *dst,
                  struct mig_range *missing, size_t max_missing,
                  size_t *n_missing);
+
+uint32_t mig_crc32c(uint32_t crc, const void *data, size_t n);
+uint32_t mig_crc32c_table(uint32_t crc, const void *data, size_t n);
+const char *mig_crc32c_impl(void);
 
 #define SECCOMP_RET_ALLOW ...
 #define SECCOMP_RET_ERRNO ...

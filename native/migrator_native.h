@@ -202,4 +202,14 @@ long mig_vm_read(int pid, const struct mig_range *src, size_t n, void *dst,
 		 struct mig_range *missing, size_t max_missing,
 		 size_t *n_missing);
 
+/* ---- crc32c.c ------------------------------------------------------------
+ * CRC-32C of n bytes, continuing from crc (0 to start): the checksum of the
+ * wire protocol's page batches.  Uses the CPU's CRC instruction when it has
+ * one (mig_crc32c_impl() names what was chosen: "sse4.2", "armv8-crc32" or
+ * "table"); mig_crc32c_table() is the portable loop, for tests.
+ */
+uint32_t mig_crc32c(uint32_t crc, const void *data, size_t n);
+uint32_t mig_crc32c_table(uint32_t crc, const void *data, size_t n);
+const char *mig_crc32c_impl(void);
+
 #endif /* MIGRATOR_NATIVE_H */

@@ -3,13 +3,16 @@
  * Python: for test guests (static build, also for aarch64).
  *
  *   gcc -static -O2 -D_GNU_SOURCE -Inative native/selftest.c \
- *       native/{inject,seccomp,uffd,softdirty,vmread}.c -o selftest
+ *       native/{inject,seccomp,uffd,pagemap_scan,softdirty,vmread,crc32c}.c \
+ *       -o selftest          (the units are build.py's SOURCES)
  *
  * A forked victim dirties pages on command.  uffd-wp: we inject a
  * userfaultfd into it, register its region, let it write pages 3, 7, 11,
  * ... and expect PAGEMAP_SCAN to report exactly those.  Soft-dirty: clear,
  * let it write 16 pages, count how many are reported; a kernel without
  * soft-dirty reports none, which is a finding, not a failure.
+ * CRC-32C: the CPU's instruction (where chosen) must agree with the table
+ * loop and with the check value.
  * Prints "selftest: PASS" (exit 0) or "selftest: FAIL <reason>" (exit 1).
  */
 #include <errno.h>
@@ -49,6 +52,28 @@ static int fail(const char *what, long err)
 		waitpid(victim, NULL, 0);
 	}
 	return 1;
+}
+
+static int check_crc32c(void)
+{
+	unsigned char buf[4096 + 8];
+	uint32_t x = 1;
+
+	if (mig_crc32c(0, "123456789", 9) != 0xE3069283u ||
+	    mig_crc32c_table(0, "123456789", 9) != 0xE3069283u)
+		return fail("crc32c of \"123456789\" is not e3069283", 0);
+	for (size_t i = 0; i < sizeof buf; i++) {
+		x = x * 1103515245u + 12345u;
+		buf[i] = (unsigned char)(x >> 16);
+	}
+	for (size_t off = 0; off < 8; off++)
+		for (size_t n = 0; n + off <= sizeof buf; n += 1 + n / 4)
+			if (mig_crc32c(7, buf + off, n) !=
+			    mig_crc32c_table(7, buf + off, n))
+				return fail("crc32c: the CPU instruction and the "
+					    "table loop disagree", 0);
+	printf("crc32c: %s, agrees with the table loop\n", mig_crc32c_impl());
+	return 0;
 }
 
 static void victim_main(volatile unsigned char *mem, int cmd, int ack)
@@ -104,6 +129,8 @@ int main(void)
 
 	setvbuf(stdout, NULL, _IONBF, 0);
 	page = sysconf(_SC_PAGESIZE);
+	if (check_crc32c())
+		return 1;
 	unsigned char *mem = mmap(NULL, NPAGES * page, PROT_READ | PROT_WRITE,
 				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED || pipe(cmd) || pipe(ack))

@@ -57,7 +57,7 @@ class Undecided(Exception):
 class PageWriter:
     """Verifies, decompresses and stores received page batches in a worker
     thread, so that the next frame is received while the last one is
-    written (crc32, zstd and pwrite release the GIL).  Each batch's data is
+    written (crc32c, zstd and pwrite release the GIL).  Each batch's data is
     a view into its own frame buffer, so nothing is copied to hand it over.
     A failure surfaces in the receiving thread at the next submit() or
     drain(); later batches are then dropped."""

@@ -330,7 +330,7 @@ class Source:
     def _read_ahead(self, pid: int, ranges: RangeList):
         """(runs, vanished, PageBatch) for the batches of `ranges`, read
         and encoded by a worker thread up to AHEAD batches ahead.
-        process_vm_readv, crc32 and zstd release the GIL, so reading the
+        process_vm_readv, crc32c and zstd release the GIL, so reading the
         next batches overlaps sending this one.  A batch's data is a view
         of a reused buffer, valid until the consumer asks for the next
         batch.  Closing the generator (any error, Ctrl-C) stops and joins

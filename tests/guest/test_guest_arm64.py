@@ -39,7 +39,8 @@ TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_ARM64_TIMEOUT", "300"))
 TIER_TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_ARM64_TIER_TIMEOUT", "1200"))
 TIER_SELECTION = shlex.split(os.environ.get(
     "MIGRATOR_GUEST_ARM64_TESTS",
-    "tests/linux/test_trackers.py tests/linux/test_inject.py tests/linux/test_cli.py"))
+    "tests/linux/test_trackers.py tests/linux/test_inject.py tests/linux/test_cli.py "
+    "tests/unit/test_checksum.py"))
 TIER_EXAMPLES = os.environ.get("MIGRATOR_GUEST_ARM64_EXAMPLES")
 JUNIT = "junit.xml"
 
@@ -63,6 +64,12 @@ def test_arm64_kernel(selftest):
 def test_arm64_selftest_passes(selftest):
     assert re.search(r"^selftest: PASS\s*$", selftest.output, re.M), selftest.output
     assert selftest.returncode == 0, selftest.output
+
+
+def test_arm64_crc32c_instruction(selftest):
+    # the page checksum runs on the CPU's CRC32 extension, checked against
+    # the table loop by the self-test
+    assert re.search(r"^crc32c: armv8-crc32, agrees", selftest.output, re.M), selftest.output
 
 
 def test_arm64_uffd_wp_exercised(selftest):

@@ -2,12 +2,12 @@
 limit in the grammar refuses what it should, with a message saying what."""
 
 import os
-import zlib
 
 import msgpack
 import pytest
 import zstandard
 
+from migrator.protocol.checksum import crc32c
 from migrator.protocol import frames
 from migrator.protocol.frames import (
     Abort, AuthChallenge, AuthResponse, AuthResult, Commit, Error, FrameReader,
@@ -18,10 +18,11 @@ from migrator.protocol.frames import (
 )
 
 PS = 4096
+V = frames.PROTOCOL_VERSION
 
 EXAMPLES = [
-    Hello(1, "sender", "node-a (arm64)", ("zstd", "images-v1"), "psk"),
-    Hello(1, "receiver", "", (), "none"),
+    Hello(V, "sender", "node-a (arm64)", ("zstd", "images-v1"), "psk"),
+    Hello(V, "receiver", "", (), "none"),
     AuthChallenge(bytes(range(32))),
     AuthResponse(b"\xff" * 32),
     AuthResult(True, "authenticated"),
@@ -71,7 +72,7 @@ def test_golden_bytes():
 
 
 def test_lists_become_tuples():
-    e = Hello(1, "sender", "a", ["zstd"], "psk")
+    e = Hello(V, "sender", "a", ["zstd"], "psk")
     assert e.features == ("zstd",)
     assert hash(e)
 
@@ -162,10 +163,10 @@ def body(*items):
     (body(2, 0, b"short"), MalformedFrame, "nonce must be 32 bytes"),
     (body(2, 0, "x" * 32), MalformedFrame, "nonce must be bytes"),
     (body(1, 0, 7, "sender", "a", [], "psk"), VersionMismatch, "version 7"),
-    (body(1, 0, 1, "boss", "a", [], "psk"), MalformedFrame, "Hello.role"),
-    (body(1, 0, 1, "sender", "a", [], "maybe"), MalformedFrame, "Hello.auth"),
-    (body(1, 0, 1, "sender", "a", ["zstd", "zstd"], "psk"), MalformedFrame, "twice"),
-    (body(1, 0, 1, "sender", "a", ["a b"], "psk"), MalformedFrame, "features"),
+    (body(1, 0, V, "boss", "a", [], "psk"), MalformedFrame, "Hello.role"),
+    (body(1, 0, V, "sender", "a", [], "maybe"), MalformedFrame, "Hello.auth"),
+    (body(1, 0, V, "sender", "a", ["zstd", "zstd"], "psk"), MalformedFrame, "twice"),
+    (body(1, 0, V, "sender", "a", ["a b"], "psk"), MalformedFrame, "features"),
     (body(5, 0, "m", [], PS), MalformedFrame, "non-empty"),
     (body(5, 0, "m", [[1, "full"], [1, "full"]], PS), MalformedFrame, "pid twice"),
     (body(5, 0, "m", [[0, "full"]], PS), MalformedFrame, "pid must be in"),
@@ -236,7 +237,7 @@ def test_deep_nesting_is_refused():
     Images("a/b", b"", True),
     RoundEnd(-1, 0, 0),
     StartMigration("m", (), PS),
-    Hello(1, "sender", "a", ("zstd",), "maybe"),
+    Hello(V, "sender", "a", ("zstd",), "maybe"),
     PageBatch(1, ((0, 1),), "raw", b"short", 0),
 ])
 def test_invalid_events_are_local_errors(event):
@@ -287,14 +288,14 @@ def test_bad_checksum():
 
 def test_wrong_decompressed_size():
     payload = zstandard.ZstdCompressor().compress(b"\0" * 2 * PS)
-    b = PageBatch(1, ((0, 1),), "zstd", payload, zlib.crc32(b"\0" * PS))
+    b = PageBatch(1, ((0, 1),), "zstd", payload, crc32c(b"\0" * PS))
     with pytest.raises(PageDataError, match="declares 8192 bytes; its runs cover 4096"):
         decode_pages(b, PS)
 
 
 def test_zstd_without_declared_size():
     payload = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * PS)
-    b = PageBatch(1, ((0, 1),), "zstd", payload, zlib.crc32(b"\0" * PS))
+    b = PageBatch(1, ((0, 1),), "zstd", payload, crc32c(b"\0" * PS))
     with pytest.raises(PageDataError, match="declares no size"):
         decode_pages(b, PS)
 
@@ -325,7 +326,7 @@ def test_zstd_lying_header():
     assert fhd >> 6 == 1 and fhd & 0x20  # 2-byte size, single segment
     payload[5:7] = (PS - 256).to_bytes(2, "little")
     assert zstandard.frame_content_size(bytes(payload)) == PS
-    b = PageBatch(1, ((0, 1),), "zstd", bytes(payload), zlib.crc32(b"\0" * PS))
+    b = PageBatch(1, ((0, 1),), "zstd", bytes(payload), crc32c(b"\0" * PS))
     with pytest.raises(PageDataError):
         decode_pages(b, PS)
 
@@ -333,7 +334,7 @@ def test_zstd_lying_header():
 def test_zstd_trailing_data():
     one = zstandard.ZstdCompressor().compress(b"\0" * PS)
     for payload in (one + b"junk", one + one):
-        b = PageBatch(1, ((0, 1),), "zstd", payload, zlib.crc32(b"\0" * PS))
+        b = PageBatch(1, ((0, 1),), "zstd", payload, crc32c(b"\0" * PS))
         with pytest.raises(PageDataError, match="exactly one complete frame"):
             decode_pages(b, PS)
 
