@@ -602,7 +602,8 @@ def main() -> int:
     ap.add_argument("--rate-mib", type=float, default=10.0,
                     help="part 2 dirty rate, MiB/s")
     ap.add_argument("--link-mbit", type=float, default=1000.0)
-    ap.add_argument("--level", type=int, default=3, help="zstd level measured")
+    ap.add_argument("--level", type=int, default=1,
+                    help="zstd level measured (1 = migrator send's default)")
     ap.add_argument("--parts", default="1,2", help="which parts (3 comes with 2)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="cProfile a migrator round when it misses a target")
