@@ -19,16 +19,21 @@
  *       mapping of PID (/proc/PID/maps), 2 MiB at a time, each piece sent
  *       with send(2) on one TCP connection.  Prints
  *       "bytes <n> seconds <s>" (from connect to the receiver's close).
- *   dirtier floor-recv ADDR PORT
- *       Accepts one connection, reads everything into a 4 MiB buffer
- *       (discarded), closes, prints "bytes <n>".  It writes nothing: the
- *       floor is a raw socket copy, no store.
+ *   dirtier floor-recv ADDR PORT [FILE]
+ *       Accepts one connection, reads everything into a 4 MiB buffer,
+ *       closes, prints "bytes <n>".  Without FILE the data is discarded:
+ *       the floor is a raw socket copy, no store.  With FILE a second
+ *       thread writes every filled buffer to FILE (created, truncated)
+ *       while the next is read: the floor plus the one write into fresh
+ *       memory that any receiver keeping the pages must do.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -259,11 +264,118 @@ static int floor_send(int argc, char **argv)
 	return 0;
 }
 
+/* floor-recv with FILE: the socket is read into a ring of buffers while a
+ * second thread writes the filled ones to the file, so that receiving and
+ * storing overlap (as in any receiver that keeps what it gets). */
+#define RING 4
+#define RING_BUF (4u << 20)
+
+static struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	char *buf[RING];
+	size_t len[RING];
+	unsigned filled, written; /* counters; slot = counter % RING */
+	int done, out, failed;
+} ring = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+
+static void *ring_writer(void *arg)
+{
+	for (;;) {
+		pthread_mutex_lock(&ring.mu);
+		while (ring.written == ring.filled && !ring.done)
+			pthread_cond_wait(&ring.cv, &ring.mu);
+		if (ring.written == ring.filled) {
+			pthread_mutex_unlock(&ring.mu);
+			return NULL;
+		}
+		unsigned k = ring.written % RING;
+		pthread_mutex_unlock(&ring.mu);
+		for (size_t done = 0; done < ring.len[k];) {
+			ssize_t w = write(ring.out, ring.buf[k] + done, ring.len[k] - done);
+			if (w < 0 && errno != EINTR) {
+				perror("write");
+				ring.failed = 1;
+				break;
+			}
+			done += w > 0 ? (size_t)w : 0;
+		}
+		pthread_mutex_lock(&ring.mu);
+		ring.written++;
+		pthread_cond_broadcast(&ring.cv);
+		pthread_mutex_unlock(&ring.mu);
+	}
+}
+
+static unsigned long long recv_discard(int fd)
+{
+	char *buf = malloc(RING_BUF);
+	unsigned long long total = 0;
+
+	for (;;) {
+		ssize_t n = read(fd, buf, RING_BUF);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return total;
+		total += n;
+	}
+}
+
+static unsigned long long recv_store(int fd)
+{
+	unsigned long long total = 0;
+	pthread_t th;
+	int eof = 0;
+
+	for (int i = 0; i < RING; i++)
+		ring.buf[i] = malloc(RING_BUF);
+	pthread_create(&th, NULL, ring_writer, NULL);
+	while (!eof) {
+		pthread_mutex_lock(&ring.mu);
+		while (ring.filled - ring.written == RING)
+			pthread_cond_wait(&ring.cv, &ring.mu);
+		unsigned k = ring.filled % RING;
+		pthread_mutex_unlock(&ring.mu);
+		size_t len = 0;
+		while (len < RING_BUF) {
+			ssize_t n = read(fd, ring.buf[k] + len, RING_BUF - len);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				eof = 1;
+				break;
+			}
+			len += n;
+		}
+		total += len;
+		pthread_mutex_lock(&ring.mu);
+		ring.len[k] = len;
+		ring.filled++;
+		pthread_cond_broadcast(&ring.cv);
+		pthread_mutex_unlock(&ring.mu);
+	}
+	pthread_mutex_lock(&ring.mu);
+	ring.done = 1;
+	pthread_cond_broadcast(&ring.cv);
+	pthread_mutex_unlock(&ring.mu);
+	pthread_join(th, NULL);
+	return total;
+}
+
 static int floor_recv(int argc, char **argv)
 {
-	if (argc != 4) {
-		fprintf(stderr, "usage: dirtier floor-recv ADDR PORT\n");
+	if (argc != 4 && argc != 5) {
+		fprintf(stderr, "usage: dirtier floor-recv ADDR PORT [FILE]\n");
 		return 2;
+	}
+	ring.out = -1;
+	if (argc == 5) {
+		ring.out = open(argv[4], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		if (ring.out < 0) {
+			perror(argv[4]);
+			return 1;
+		}
 	}
 	int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -280,18 +392,12 @@ static int floor_recv(int argc, char **argv)
 		perror("accept");
 		return 1;
 	}
-	size_t cap = 4 << 20;
-	char *buf = malloc(cap);
-	unsigned long long total = 0;
-	for (;;) {
-		ssize_t n = read(fd, buf, cap);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			break;
-		total += n;
-	}
+	unsigned long long total = ring.out >= 0 ? recv_store(fd) : recv_discard(fd);
 	close(fd);
+	if (ring.out >= 0)
+		close(ring.out);
+	if (ring.failed)
+		return 1;
 	printf("bytes %llu\n", total);
 	return 0;
 }

@@ -58,7 +58,7 @@ DOWNTIME_TARGET = 0.25
 RSS_TARGET_MIB = 100
 
 ROUND_HEADER = ("data     method            MiB    wire-MiB   sec-med   sec-min  "
-                "MiB/s-med  vs-floor  vs-criu  setup-ms")
+                "MiB/s-med  vs-floor  vs-f+s  vs-criu  setup-ms")
 DOWN_HEADER = ("method           downtime-ms-med  downtime-ms-min  total-ms-med  "
                "rounds  sent-MiB  verify")
 BREAK_HEADER = "breakdown (ms, median)            " + "  ".join(
@@ -246,8 +246,12 @@ def vmhwm_kb(pid) -> int | None:
 
 
 # ------------------------------------------------------------------ part 1
-def floor_round(a, pid):
-    svc = a.spawn([f"{WORK}/dirtier", "floor-recv", "127.0.0.1", str(PORT)],
+def floor_round(a, pid, store=False):
+    """The raw copy; with store, its receiver also writes what it gets into
+    a new file where the receivers keep their pages (--store)."""
+    path = f"{STORE}-floor"
+    svc = a.spawn([f"{WORK}/dirtier", "floor-recv", "127.0.0.1", str(PORT)]
+                  + ([path] if store else []),
                   log=a.dir / "logs" / f"floor-{time.monotonic_ns()}.log")
     try:
         wait_for(lambda: "listening" in read(svc.log), 20, "floor receiver")
@@ -255,6 +259,7 @@ def floor_round(a, pid):
         svc.wait(timeout=30)
     finally:
         svc.stop()
+        a.run(f"rm -f {path}", check=False)
     f = r.stdout.split()
     nbytes, sec = int(f[1]), float(f[3])
     return {"bytes": nbytes, "wire": nbytes, "sec": sec, "setup_ms": None}
@@ -333,9 +338,9 @@ def profile_round(a, pid, level) -> dict:
     return out
 
 
-def part1(a, mib, repeats, level, results, profile_dir):
+def part1(a, mib, repeats, level, settle, results, profile_dir):
     rows = []
-    methods = [("floor", None), ("criu page-srv", None),
+    methods = [("floor", None), ("floor+store", None), ("criu page-srv", None),
                ("migrator off", "off"), (f"migrator zstd{level}", str(level))]
     for fill in ("random", "half"):
         d = Dirtier(a, f"p1-{fill}", mib, 0, fill)
@@ -344,8 +349,11 @@ def part1(a, mib, repeats, level, results, profile_dir):
             for rep in range(repeats):
                 order = methods[rep % len(methods):] + methods[:rep % len(methods)]
                 for m, lvl in order:
-                    if m == "floor":
-                        got[m].append(floor_round(a, d.pid))
+                    # Every method starts from the same state of free memory
+                    # (see --settle).
+                    time.sleep(settle)
+                    if m.startswith("floor"):
+                        got[m].append(floor_round(a, d.pid, store=m == "floor+store"))
                     elif m.startswith("criu"):
                         got[m].append(criu_round(a, d.pid))
                     else:
@@ -359,6 +367,7 @@ def part1(a, mib, repeats, level, results, profile_dir):
         finally:
             d.kill(a)
         fl = med([x["bytes"] / x["sec"] for x in got["floor"]])
+        fs = med([x["bytes"] / x["sec"] for x in got["floor+store"]])
         cr = med([x["bytes"] / x["sec"] for x in got["criu page-srv"]])
         for m, _ in methods:
             xs = got[m]
@@ -367,7 +376,8 @@ def part1(a, mib, repeats, level, results, profile_dir):
                    "wire_mib": med([x["wire"] for x in xs]) / 2**20,
                    "sec_med": med([x["sec"] for x in xs]),
                    "sec_min": min(x["sec"] for x in xs),
-                   "mib_s": rate / 2**20, "vs_floor": rate / fl, "vs_criu": rate / cr,
+                   "mib_s": rate / 2**20, "vs_floor": rate / fl,
+                   "vs_floor_store": rate / fs, "vs_criu": rate / cr,
                    "setup_ms": med([x["setup_ms"] for x in xs if x["setup_ms"] is not None])
                    if any(x["setup_ms"] is not None for x in xs) else None,
                    "verify_after": ok, "samples": xs}
@@ -526,7 +536,8 @@ def report(results, args, out):
         for r in rows:
             p(f"{r['data']:<8} {r['method']:<16} {r['mib']:7.1f} {r['wire_mib']:9.1f} "
               f"{r['sec_med']:9.3f} {r['sec_min']:9.3f} {r['mib_s']:10.1f} "
-              f"{r['vs_floor']:9.2f} {r['vs_criu']:8.2f} {fmt(r['setup_ms'], '9.0f')}")
+              f"{r['vs_floor']:9.2f} {r['vs_floor_store']:7.2f} {r['vs_criu']:8.2f} "
+              f"{fmt(r['setup_ms'], '9.0f')}")
         for r in rows:
             if r["method"].startswith("criu"):
                 p(f"  criu {r['data']}: page transfer only ('Memory write time'): "
@@ -540,7 +551,8 @@ def report(results, args, out):
                 f_ok = r["vs_floor"] >= FLOOR_TARGET
                 c_ok = r["vs_criu"] >= CRIU_TARGET
                 p(f"  target {r['method']} {r['data']}: >= {FLOOR_TARGET}x floor "
-                  f"{'met' if f_ok else 'MISSED'} ({r['vs_floor']:.2f}x), >= "
+                  f"{'met' if f_ok else 'MISSED'} ({r['vs_floor']:.2f}x; "
+                  f"{r['vs_floor_store']:.2f}x floor+store), >= "
                   f"{CRIU_TARGET:.0f}x criu {'met' if c_ok else 'MISSED'} "
                   f"({r['vs_criu']:.2f}x)")
         p(f"  workload verified after part 1: {', '.join(sorted({r['verify_after'] for r in rows}))}")
@@ -605,18 +617,22 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=1,
                     help="zstd level measured (1 = migrator send's default)")
     ap.add_argument("--parts", default="1,2", help="which parts (3 comes with 2)")
+    ap.add_argument("--settle", type=float, default=4.0,
+                    help="part 1: seconds of rest before each measured round, so "
+                         "that each starts with free memory in the same state "
+                         "(0 = back to back)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="cProfile a migrator round when it misses a target")
     ap.add_argument("--store", choices=sorted(STORES), default="tmpfs",
                     help="where the receivers keep page stores and images (--dir)")
     ap.add_argument("--quick", action="store_true",
-                    help="64 MiB, 1 repeat, dirty rate scaled to the size")
+                    help="64 MiB, 1 repeat, dirty rate scaled to the size, no settling")
     ap.add_argument("--json", action="store_true",
                     help="figures as one JSON object on stdout, report on stderr")
     args = ap.parse_args()
     if args.quick:
         args.rate_mib = args.rate_mib * 64 / args.size_mib
-        args.size_mib, args.repeats = 64, 1
+        args.size_mib, args.repeats, args.settle = 64, 1, 0.0
     if os.geteuid() != 0:
         log("migration.py needs root (test-bed nodes)")
         return 2
@@ -642,7 +658,8 @@ def main() -> int:
             if "1" in parts:
                 log("part 1: one full round over loopback")
                 prof = {} if args.profile == "always" else None
-                rows = part1(a, args.size_mib, args.repeats, args.level, results, prof)
+                rows = part1(a, args.size_mib, args.repeats, args.level, args.settle,
+                             results, prof)
                 missed = [r for r in rows if r["method"].startswith("migrator")
                           and (r["vs_floor"] < FLOOR_TARGET or r["vs_criu"] < CRIU_TARGET)]
                 if prof is None and missed and args.profile == "auto":

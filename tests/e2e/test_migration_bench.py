@@ -16,7 +16,7 @@ SCRIPT = ROOT / "benchmarks" / "migration.py"
 
 pytestmark = pytest.mark.e2e
 
-HEADERS = ("data     method", "vs-floor", "vs-criu", "downtime-ms-med",
+HEADERS = ("data     method", "vs-floor", "vs-f+s", "floor+store", "vs-criu", "downtime-ms-med",
            "breakdown (ms, median)", "stop-and-copy", "migrator lazy",
            "VmHWM-MiB-max")
 
