@@ -107,6 +107,18 @@ def status_field(pid: int, name: str) -> str | None:
     return None
 
 
+def ended(pid: int) -> bool:
+    """Whether the process has ended (gone, or a zombie waiting for its
+    parent): what an ESRCH or ENOENT about it can mean, or not."""
+    try:
+        state = status_field(pid, "State")
+    except FileNotFoundError:
+        return True
+    except ProcessLookupError:
+        return True
+    return state is None or state[:1] in ("Z", "X")
+
+
 def innermost_pid(pid: int) -> int:
     """The pid the process has in its own pid namespace (last of "NSpid:"):
     the name CRIU gives it in a container's images."""

@@ -231,7 +231,7 @@ class Source:
             try:
                 c = first if first is not None else t.collect(stopped=stopped)
             except OSError as e:
-                if stopped or e.errno not in (errno.ESRCH, errno.ENOENT):
+                if stopped or not _ended(pid, e):
                     raise
                 self._exited(pid)
                 continue
@@ -266,7 +266,7 @@ class Source:
                 try:
                     to_send[pid] = self._present(pid, c.dirty & c.tracked, c.tracked)
                 except OSError as e:
-                    if e.errno not in (errno.ESRCH, errno.ENOENT):
+                    if not _ended(pid, e):
                         raise
                     self._exited(pid)
             for pid, ranges in to_send.items():
@@ -322,7 +322,7 @@ class Source:
                     k = self.ckpt[pid]
                     self.clean[k] = self.clean[k] | (rl - gone)
         except OSError as e:
-            if e.errno != errno.ESRCH:
+            if not _ended(pid, e):
                 raise
             self._exited(pid)
         return sent
@@ -612,6 +612,13 @@ class Source:
             self.channel.close()
         if self.dump_dir:
             shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+
+def _ended(pid: int, e: OSError) -> bool:
+    """Whether error `e` about pid means that the process ended: ESRCH and
+    ENOENT also come from a mapping unmapped under a call, so the process
+    itself is checked."""
+    return e.errno in (errno.ESRCH, errno.ENOENT) and procfs.ended(pid)
 
 
 def _restore_timings(message: str) -> dict:

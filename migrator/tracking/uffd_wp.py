@@ -28,6 +28,11 @@ from migrator.kernel.procfs import read_maps_text
 from migrator.tracking.memory import split_maps, trackable_vmas
 
 
+# What UFFDIO_REGISTER (ENOMEM) and UFFDIO_WRITEPROTECT (ENOENT) say when
+# the range is no longer mapped: the process unmapped it meanwhile.
+_VANISHED = (errno.ENOMEM, errno.ENOENT)
+
+
 class UffdWpTracker(Tracker):
     name = "uffd-wp"
 
@@ -74,7 +79,10 @@ class UffdWpTracker(Tracker):
                   ranges: RangeList) -> tuple[str, ...]:
         """Register the parts of `ranges` we can, mapping by mapping; a
         mapping the kernel refuses (e.g. glibc's MAP_DROPPABLE getrandom
-        page) stays untracked, to cross at switch-over, with a note."""
+        page) stays untracked, to cross at switch-over, with a note.  A
+        mapping unmapped since /proc/PID/maps was read is skipped: if
+        something is mapped there at the next collect, it is fresh memory
+        and is registered then."""
         notes = []
         for s, e in _split(ranges, vmas):
             try:
@@ -83,8 +91,9 @@ class UffdWpTracker(Tracker):
                 self._registered = self._registered | RangeList([(s, e)])
                 faults.check("uffd-register")
             except OSError as err:
-                if err.errno in (errno.ENOMEM, errno.EINVAL, errno.EPERM):
-                    # unmapped meanwhile, or a mapping uffd cannot track
+                if err.errno in _VANISHED:
+                    continue
+                if err.errno in (errno.EINVAL, errno.EPERM):
                     notes.append(f"untracked [{s:#x}, {e:#x}): {err.strerror}")
                     self._refused = self._refused | RangeList([(s, e)])
                     continue
@@ -96,19 +105,20 @@ class UffdWpTracker(Tracker):
             raise TrackerError("collect() before start()")
         text = read_maps_text(self.pid)
         if text == self._maps_text:
-            # Same mappings as last time, all registered then (or refused):
-            # nothing is new.  A mapping replaced in place by one of the same
-            # shape is still caught below, as lost registration.
+            # Same mappings as last time: no parsing.  A mapping replaced in
+            # place by one of the same shape is still caught below, as lost
+            # registration.
             vmas, untracked, tracked = self._maps
-            fresh = RangeList()
         else:
             vmas, untracked = split_maps(text)
             tracked = RangeList(vmas)
             # Registrations of memory that is gone or no longer trackable.
             self._registered = self._registered & tracked
             self._refused = self._refused & tracked
-            fresh = tracked - self._registered - self._refused
             self._maps_text, self._maps = text, (vmas, untracked, tracked)
+        # New mappings, and any that vanished while being registered last
+        # time and are back.
+        fresh = tracked - self._registered - self._refused
         # Memory that lost its registration while keeping its place
         # (munmap + mmap over it, MAP_FIXED) is new memory too.
         flat, failed = self._pagemap.scan_unregistered_ranges(self._registered)

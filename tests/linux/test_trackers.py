@@ -18,6 +18,7 @@ written pages and nothing else.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -367,5 +368,39 @@ def test_uffd_wp_markers_dropped_before_checkpoint():
             sc.write(rid, [5, 1], 4)  # a hole and a page that existed
             reported = set(t.collect().dirty.pages())
             assert {addr + 5 * PAGE_SIZE, addr + PAGE_SIZE} <= reported
+        finally:
+            t.stop()
+
+
+def test_uffd_wp_mapping_unmapped_while_being_registered(monkeypatch):
+    """A mapping seen in /proc/PID/maps can be gone by the time it is
+    registered (UFFDIO_WRITEPROTECT then says ENOENT, UFFDIO_REGISTER
+    ENOMEM): that is the process changing its mappings, not the process
+    gone.  The collect goes on with the mapping untracked, and whatever is
+    there at the next collect is registered and reported whole."""
+    caps = features.probe()
+    if not caps.uffd_wp_async:
+        pytest.skip(f"kernel capability uffd_wp_async missing: "
+                    f"{caps.why['uffd_wp_async']}")
+    with Victim() as v:
+        sc = Scenario(v)
+        sc.mmap(8)
+        t = tracker_for("uffd-wp", v.pid)
+        try:
+            t.start()
+            new = sc.regions[sc.mmap(4)]["addr"]
+            region = RangeList([(new, new + 4 * PAGE_SIZE)])
+            real = t._uffd.register_wp
+            for err in (errno.ENOENT, errno.ENOMEM):
+                def vanished(s, e, err=err):
+                    raise OSError(err, os.strerror(err))
+                monkeypatch.setattr(t._uffd, "register_wp", vanished)
+                c = t.collect()
+                assert not c.tracked & region
+                assert c.untracked & region == region   # never counted clean
+            monkeypatch.setattr(t._uffd, "register_wp", real)
+            c = t.collect()
+            assert c.tracked & region == region
+            assert c.dirty & region == region
         finally:
             t.stop()

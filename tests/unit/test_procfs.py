@@ -29,3 +29,26 @@ def test_smaps_vmflags():
     text = MAPS.splitlines()[0] + "\nRss: 4 kB\nVmFlags: rd wr mr mw me ac uw\n"
     [(s, e, flags)] = parse_smaps_vmflags(text)
     assert s == 0x55D0C0A00000 and "uw" in flags
+
+
+def test_ended_running_zombie_and_reaped():
+    import os
+    import subprocess
+    import time
+
+    from migrator.kernel.procfs import ended
+    assert not ended(os.getpid())
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not ended(child.pid)
+        child.kill()
+        # a zombie until reaped: ended, though /proc still has it
+        deadline = time.monotonic() + 10
+        while not ended(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(f"/proc/{child.pid}")
+        assert ended(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert ended(child.pid)
