@@ -230,6 +230,26 @@ def test_shared_memory_round_trip(pair):
         w.stop(b)
 
 
+def test_mapping_churn_keeps_tracking(pair):
+    """A thread maps, splits and unmaps small mappings all the time, so
+    mappings come and go under every collect: the process stays tracked by
+    uffd-wp through each move and its memory stays intact.  (A mapping
+    unmapped between the read of /proc/PID/maps and its registration once
+    made the process look exited, its whole memory then crossing in the
+    downtime; that race is rare here, and is pinned down by
+    tests/linux/test_trackers.py::test_uffd_wp_mapping_unmapped_while_being_registered.)"""
+    a, b = pair
+    w = Workload(a, "churn", mib=8, memory="churn")
+    try:
+        for src, dst in ((a, b), (b, a), (a, b)):
+            events, _ = migrate(src, dst, w)
+            assert events[-1]["tracker"] == "uffd-wp", events[-1]
+        w.assert_healthy()
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
 @pytest.mark.parametrize("recv_extra", [(), ("--lazy-restore",)], ids=["plain", "lazy"])
 def test_process_tree_moves_whole(pair, recv_extra):
     """A shell with two counting children: the whole tree moves, every
