@@ -65,6 +65,7 @@ from typing import Iterator, Optional, Union
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
 PAGEMAP_MAGIC = 0x56084025
+PSTREE_MAGIC = 0x50273030
 
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
@@ -254,21 +255,23 @@ def _encode_entry(e: PagemapEntry) -> bytes:
     return _join(known, e.unknown)
 
 
-def decode_pagemap(data: bytes, name: str = "pagemap") -> Pagemap:
-    """Parse the bytes of a pagemap-*.img (see the grammar above)."""
+def _image_bodies(data, name: str, magic: int, magic_name: str
+                  ) -> tuple[str, str, list[tuple[int, bytes]]]:
+    """(byte order, struct prefix, [(offset, protobuf body)]) of a CRIU
+    image file: magic words, then size-prefixed entries."""
     data = memoryview(data)
     if len(data) < 8:
         raise ImageError(f"{name}: {len(data)} bytes, too short for the magic")
     for order, fmt in (("little", "<"), ("big", ">")):
-        common, magic = struct.unpack_from(fmt + "II", data, 0)
+        common, got = struct.unpack_from(fmt + "II", data, 0)
         if common == IMG_COMMON_MAGIC:
             break
     else:
         raise ImageError(f"{name}: not a CRIU image (first word "
                          f"{bytes(data[:4]).hex()}, expected IMG_COMMON_MAGIC)")
-    if magic != PAGEMAP_MAGIC:
-        raise ImageError(f"{name}: magic {magic:#010x} is not PAGEMAP_MAGIC "
-                         f"({PAGEMAP_MAGIC:#010x})")
+    if got != magic:
+        raise ImageError(f"{name}: magic {got:#010x} is not {magic_name} "
+                         f"({magic:#010x})")
     pos, end = 8, len(data)
     bodies = []
     while pos < end:
@@ -282,12 +285,50 @@ def decode_pagemap(data: bytes, name: str = "pagemap") -> Pagemap:
                              f"past the end of the file ({end} bytes)")
         bodies.append((pos, bytes(data[pos + 4:pos + 4 + size])))
         pos += 4 + size
+    return order, fmt, bodies
+
+
+def decode_pagemap(data: bytes, name: str = "pagemap") -> Pagemap:
+    """Parse the bytes of a pagemap-*.img (see the grammar above)."""
+    order, _, bodies = _image_bodies(data, name, PAGEMAP_MAGIC, "PAGEMAP_MAGIC")
     if not bodies:
         raise ImageError(f"{name}: no pagemap_head")
     pages_id, head_unknown = _decode_head(bodies[0][1], f"{name} head")
     entries = [_decode_entry(body, f"{name} entry at byte {off}")
                for off, body in bodies[1:]]
     return Pagemap(pages_id, entries, order, head_unknown)
+
+
+def decode_pstree(data: bytes, name: str = "pstree") -> list[tuple[int, tuple[int, ...]]]:
+    """(pid, thread ids) of each process in a pstree.img:
+    pstree_entry { 1: pid, 2: ppid, 3: pgid, 4: sid, 5: threads (repeated
+    uint32, packed or not) }, all in the dumped tree's pid namespace."""
+    _, _, bodies = _image_bodies(data, name, PSTREE_MAGIC, "PSTREE_MAGIC")
+    out = []
+    for off, body in bodies:
+        where = f"{name} entry at byte {off}"
+        pid, threads = None, []
+        for number, wire, value, raw in _fields(body, where):
+            if number == 1 and wire == 0:
+                pid = value
+            elif number == 5 and wire == 0:
+                threads.append(value)
+            elif number == 5 and wire == 2:
+                _, pos = _read_varint(raw, 0, len(raw), where)     # the tag
+                n, pos = _read_varint(raw, pos, len(raw), where)   # the length
+                while pos < len(raw):
+                    tid, pos = _read_varint(raw, pos, len(raw), where)
+                    threads.append(tid)
+        if pid is None:
+            raise ImageError(f"{where}: no pid")
+        out.append((pid, tuple(threads)))
+    return out
+
+
+def read_pstree(dir: Union[str, os.PathLike]) -> list[tuple[int, tuple[int, ...]]]:
+    path = os.path.join(dir, "pstree.img")
+    with open(path, "rb") as f:
+        return decode_pstree(f.read(), path)
 
 
 def encode_pagemap(pm: Pagemap) -> bytes:

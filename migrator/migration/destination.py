@@ -193,6 +193,12 @@ class Session:
                     raise ProtocolError("source closed the connection")
         except BaseException as e:
             self._stop_writer()  # nothing writes into the stores they remove
+            # The source learns why (it is sending, not reading: see
+            # Channel.peer_error); a no-op once the peer stopped or the
+            # connection already told it.
+            ch.tell_error(ch.conn.state.name.lower(),
+                          "interrupted" if isinstance(e, KeyboardInterrupt)
+                          else str(e) or type(e).__name__)
             self._fail(e)
             raise
         finally:

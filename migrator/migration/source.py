@@ -54,7 +54,7 @@ from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
 from migrator.migration.transport import Auth, Channel, TransportError
 from migrator.migration.workload import ProcessTree, Workload, write_manifest
-from migrator.protocol.frames import (Abort, Commit, Images, PageEncoder,
+from migrator.protocol.frames import (Abort, Commit, Error, Images, PageEncoder,
                                       Process, ProtocolError,
                                       RestoreResult, RoundEnd, StartMigration,
                                       SwitchOver)
@@ -175,11 +175,17 @@ class Source:
         except BaseException as e:
             if self.committed:
                 raise
+            # A broken link is often the destination's doing: say why it
+            # stopped when it told us.
+            why = (self.channel.peer_error()
+                   if isinstance(e, TransportError) and self.channel else None)
+            if why:
+                e = MigrationError(phase, f"the destination failed ({why})")
             self._roll_back(phase, e)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             if isinstance(e, MigrationError):
-                raise
+                raise e
             raise MigrationError(phase, _describe(e)) from e
         finally:
             self._cleanup()
@@ -441,6 +447,9 @@ class Source:
         self.channel.sock.settimeout(self.opts.restore_timeout)
         ev = self.channel.next_event()
         t_restored = time.monotonic()
+        if isinstance(ev, Error):
+            raise MigrationError("restore", f"the destination failed "
+                                 f"({ev.phase}: {ev.message})")
         if not isinstance(ev, RestoreResult):
             raise MigrationError("restore", f"destination answered {ev!r}")
         if not ev.ok:

@@ -188,6 +188,25 @@ class Channel:
                 raise TransportError(f"connection to the peer failed: {e}") from e
             self.conn.received(n)
 
+    def peer_error(self, wait: float = 1.0) -> str | None:
+        """After our write failed: why the peer stopped, if its Error or
+        Abort frame reached us before the connection broke (a receiver that
+        fails mid-round says why, then closes; our next write meets the
+        reset, while its frame sits unread in our socket)."""
+        from migrator.protocol.frames import Abort, Error
+        try:
+            self.sock.settimeout(wait)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                ev = self.next_event()
+                if isinstance(ev, Error):
+                    return f"{ev.phase}: {ev.message}"
+                if isinstance(ev, Abort):
+                    return ev.reason
+        except Exception:  # noqa: BLE001 - nothing more to learn from the link
+            pass
+        return None
+
     def tell_error(self, phase: str, message: str) -> None:
         """Best effort: let the peer know why we stop."""
         from migrator.protocol.frames import Error

@@ -19,7 +19,7 @@ import os
 import signal
 from typing import Callable
 
-from migrator.criu import runner
+from migrator.criu import images, runner
 from migrator.kernel import procfs
 
 MANIFEST = "migrator-manifest.json"
@@ -124,7 +124,35 @@ def read_manifest(images_dir: str) -> dict:
 Restorer = Callable[[str, dict], int]
 
 
+class PidsInUse(RuntimeError):
+    """A pid the restored tree needs is taken on this node."""
+
+
+def check_pids_free(images_dir: str) -> None:
+    """CRIU restores a process tree (outside a container's own pid
+    namespace) under its original pids and thread ids; one in use here
+    would fail the restore with "Can't fork for N: File exists".  Said
+    plainly, before CRIU starts."""
+    taken = []
+    for pid, threads in images.read_pstree(images_dir):
+        for tid in sorted({pid, *threads}):
+            if os.path.exists(f"/proc/{tid}"):
+                try:
+                    who = procfs.comm(tid)
+                except OSError:
+                    who = "?"
+                taken.append(f"{tid} ({who})")
+    if taken:
+        raise PidsInUse(
+            f"pids of the process tree are in use on this node: "
+            f"{', '.join(taken[:10])}{' ...' if len(taken) > 10 else ''}; "
+            f"CRIU restores every process and thread under its own pid, so "
+            f"those must be free here (start workloads with pids above what "
+            f"the nodes use, e.g. by raising /proc/sys/kernel/ns_last_pid)")
+
+
 def _restore_process(images_dir: str, manifest: dict, lazy: bool = False) -> int:
+    check_pids_free(images_dir)
     return runner.restore(images_dir, detached=True, leave_stopped=True,
                           shell_job=bool(manifest.get("shell_job")),
                           tcp_established=bool(manifest.get("tcp_established")),

@@ -230,6 +230,36 @@ def test_shared_memory_round_trip(pair):
         w.stop(b)
 
 
+def test_pid_taken_on_the_destination(pair):
+    """CRIU restores a process under its own pid: one taken on the
+    destination fails the move with a message that says so, and the
+    source keeps running."""
+    a, b = pair
+    w = Workload(a, "pidclash", mib=4)
+    holder = None
+    # B's pids stay below A's workloads' (the fixture raised A's counter)
+    last = b.run("cat /proc/sys/kernel/ns_last_pid").stdout.strip()
+    try:
+        holder = b.run(f"echo {w.pid - 1} > /proc/sys/kernel/ns_last_pid; "
+                       "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout.strip()
+        assert holder == str(w.pid), "could not take the workload's pid on B"
+        svc, log = receiver(b, a.peers[b.name], "--insecure")
+        r, events = send(a, w.pid, a.peers[b.name], "--insecure")
+        svc.wait(timeout=30)
+        assert r.returncode != 0
+        err = events[-1]
+        assert err["event"] == "error" and "restore" in err["message"], events
+        assert f"in use on this node: {w.pid} (sleep)" in err["message"], err
+        w.keeps_running(a)
+        w.assert_healthy()
+    finally:
+        if holder:
+            b.run(["kill", "-9", holder], check=False)
+        b.run(f"echo {last} > /proc/sys/kernel/ns_last_pid")
+        w.stop(a)
+        w.stop(b)
+
+
 def test_mapping_churn_keeps_tracking(pair):
     """A thread maps, splits and unmaps small mappings all the time, so
     mappings come and go under every collect: the process stays tracked by

@@ -294,3 +294,45 @@ def test_runner_missing_binary(monkeypatch, tmp_path):
     monkeypatch.setenv("MIGRATOR_CRIU", str(tmp_path / "nope"))
     with pytest.raises(runner.CriuError, match="cannot run"):
         runner.criu_version()
+
+
+def _pstree_image(entries, packed=False) -> bytes:
+    from migrator.criu.images import IMG_COMMON_MAGIC, PSTREE_MAGIC, _varint
+    out = [struct.pack("<II", IMG_COMMON_MAGIC, PSTREE_MAGIC)]
+    for pid, ppid, threads in entries:
+        body = b"".join(_varint(n << 3) + _varint(v)
+                        for n, v in ((1, pid), (2, ppid), (3, pid), (4, pid)))
+        if packed:
+            payload = b"".join(_varint(t) for t in threads)
+            body += _varint(5 << 3 | 2) + _varint(len(payload)) + payload
+        else:
+            body += b"".join(_varint(5 << 3) + _varint(t) for t in threads)
+        out.append(struct.pack("<I", len(body)) + body)
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pstree_pids_and_threads(packed):
+    from migrator.criu.images import decode_pstree
+    data = _pstree_image([(5002, 1, [5002, 5003, 70000]), (5010, 5002, [5010])],
+                         packed)
+    assert decode_pstree(data) == [(5002, (5002, 5003, 70000)), (5010, (5010,))]
+
+
+def test_pstree_refuses_other_images():
+    from migrator.criu.images import IMG_COMMON_MAGIC, PAGEMAP_MAGIC, decode_pstree
+    with pytest.raises(I.ImageError, match="PSTREE_MAGIC"):
+        decode_pstree(struct.pack("<II", IMG_COMMON_MAGIC, PAGEMAP_MAGIC))
+
+
+def test_restore_refuses_a_tree_whose_pids_are_taken(tmp_path):
+    from migrator.migration import workload
+    free = 4_000_000          # above any pid_max: never in use
+    while os.path.exists(f"/proc/{free}"):
+        free -= 1
+    (tmp_path / "pstree.img").write_bytes(
+        _pstree_image([(free, 1, [free]), (os.getpid(), free, [os.getpid()])]))
+    with pytest.raises(workload.PidsInUse, match=rf"in use on this node: {os.getpid()} \("):
+        workload.check_pids_free(str(tmp_path))
+    (tmp_path / "pstree.img").write_bytes(_pstree_image([(free, 1, [free])]))
+    workload.check_pids_free(str(tmp_path))
