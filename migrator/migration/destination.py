@@ -85,7 +85,11 @@ class PageWriter:
                     off = 0
                     for addr, n in batch.runs:
                         size = n * store.page_size
-                        store.put(addr, data[off:off + size])
+                        try:
+                            store.put(addr, data[off:off + size])
+                        except OSError as e:
+                            raise OSError(e.errno, f"writing the page store "
+                                          f"{store.path}: {e.strerror}") from e
                         off += size
             except BaseException as e:  # noqa: BLE001 - raised in the receiver
                 self._error = e

@@ -260,6 +260,35 @@ def test_pid_taken_on_the_destination(pair):
         w.stop(b)
 
 
+def test_destination_out_of_space(pair):
+    """The destination's --dir fills up during pre-copy: the source hears
+    why, keeps running, and the destination keeps nothing."""
+    a, b = pair
+    w = Workload(a, "nospace", mib=32)
+    small = "/var/tmp/small"
+    b.run(f"mkdir -p {small} && mount -t tmpfs -o size=8m none {small}")
+    try:
+        log = f"/tmp/recv-nospace-{time.monotonic_ns()}.log"
+        svc = b.spawn(["python3", "-m", "migrator", "recv", "--listen",
+                       f"{a.peers[b.name]}:{PORT}", "--dir", f"{small}/mig", "--json",
+                       "--once", "--insecure"], log=log)
+        wait_for(lambda: os.path.exists(log) and "listening" in open(log).read(),
+                 20, "the receiver to listen")
+        r, events = send(a, w.pid, a.peers[b.name], "--insecure")
+        svc.wait(timeout=30)
+        assert r.returncode != 0
+        msg = events[-1]["message"]
+        assert "the destination failed" in msg and "No space left on device" in msg, msg
+        assert f"{small}/mig" in msg, msg           # which store
+        w.keeps_running(a)
+        w.assert_healthy()
+        assert b.run(f"find {small} -type f").stdout.strip() == ""
+    finally:
+        b.run(f"umount {small}", check=False)
+        w.stop(a)
+        w.stop(b)
+
+
 def test_mapping_churn_keeps_tracking(pair):
     """A thread maps, splits and unmaps small mappings all the time, so
     mappings come and go under every collect: the process stays tracked by
