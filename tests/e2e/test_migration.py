@@ -524,7 +524,7 @@ def test_checkpoint_failing_on_source(pair):
         w.stop(a)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_sender_killed_during_precopy(pair, how):
     a, b = pair
     w = Workload(a, f"srckill-{how}", mib=32)
@@ -537,7 +537,7 @@ def test_sender_killed_during_precopy(pair, how):
         migrator_pid = process_tree(sender.pid)[-1]
         os.kill(migrator_pid, getattr(signal, how))
         code = sender.wait(timeout=30)
-        if how == "SIGTERM":
+        if how in ("SIGINT", "SIGTERM"):    # Ctrl-C, or kill
             assert code == 130
             assert '"event": "error"' in open(slog).read()
         else:
