@@ -12,9 +12,11 @@ unless the benchmark itself cannot run).  See benchmarks/README.md.
 1. One full pre-copy round of an idle --size-mib process over loopback
    inside node A: migrator's round 1 (process_vm_readv, zstd, frame, TCP,
    receive, verify, store) against the floor (benchmarks/dirtier.c
-   floor-send: process_vm_readv + send(2) in C, receiver discards) and
-   against `criu dump --page-server --leave-running` to `criu page-server`.
-   Random (incompressible) memory and half-zero (compressible) memory.
+   floor-send: process_vm_readv + send(2) in C, receiver discards), the
+   floor whose receiver also writes what it gets to a file (floor+store),
+   and `criu dump --page-server --leave-running` to `criu page-server`.
+   Random (incompressible) memory and half-zero (compressible) memory;
+   each round after --settle seconds of rest.
 2. Live migration A -> B of a --size-mib process dirtying --rate-mib MiB/s
    over a veth shaped to --link-mbit both ways: migrator's downtime and
    its breakdown, against stop-and-copy B -> A (criu dump, copy the

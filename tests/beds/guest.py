@@ -72,8 +72,10 @@ ARCHES = {
     "x86_64": {
         "deb": "amd64",
         "meta": "linux-image-cloud-amd64",
-        # virtio_pci and ext4 are built in; only the block driver is a module.
-        "modules": ["kernel/drivers/block/virtio_blk.ko"],
+        # virtio_pci and ext4 are built in; the block driver is a module,
+        # and so is nfnetlink, without which CRIU cannot start (see _X86_INIT).
+        "modules": ["kernel/drivers/block/virtio_blk.ko",
+                    "kernel/net/netfilter/nfnetlink.ko"],
         "qemu": "qemu-system-x86_64",
         "machine": ["-cpu", "max"],
         "console": "ttyS0",
@@ -82,9 +84,10 @@ ARCHES = {
         "deb": "arm64",
         "meta": "linux-image-cloud-arm64",
         # Same as x86_64 (pci-host-generic, virtio_pci, ext4 and crc32c are
-        # built in); only the root-disk guest loads it, the self-test
+        # built in); only the root-disk guest loads them, the self-test
         # guest runs from its initramfs alone.
-        "modules": ["kernel/drivers/block/virtio_blk.ko"],
+        "modules": ["kernel/drivers/block/virtio_blk.ko",
+                    "kernel/net/netfilter/nfnetlink.ko"],
         "qemu": "qemu-system-aarch64",
         # pauth-impdef: TCG's architected pointer-authentication cipher
         # (QARMA) costs a lot in every function of Debian's arm64 userland,
@@ -404,13 +407,18 @@ def _base_cpio(busybox: pathlib.Path) -> _Cpio:
 
 
 # x86_64: load virtio_blk, mount the root disk and the run disk, switch_root
-# into pid1.py under the image's Python.
+# into pid1.py under the image's Python.  nfnetlink: CRIU probes the kernel
+# with libnftables at every start, and libnftables exits the process when
+# netfilter's netlink protocol is missing ("Could not initialize kernel
+# features detection"); with nfnetlink alone the probe finds no nf_tables
+# and CRIU goes on.
 _X86_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 insmod /lib/virtio_blk.ko
+insmod /lib/nfnetlink.ko
 i=0
 while [ ! -b /dev/vdc ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 if mount -t ext4 /dev/vda /newroot && mount -t ext4 /dev/vdb /newroot/mnt; then

@@ -5,10 +5,12 @@ userfaultfd write-protect.  Two boots of the real arm64 kernel:
 
 * the native self-test from a tiny initramfs: it must pass and exercise
   uffd-wp;
-* the Python tier (trackers, syscall injection, CLI) inside the arm64 node
-  image, with the cffi extension built for its Python; its junit report
-  comes back to the host and is judged here.  This is the only place the
-  aarch64 injection code and the Python uffd-wp tracker run on arm64.
+* the Python tier (trackers, syscall injection, CLI, a live migration into
+  a pid namespace and back with each tracker the kernel offers) inside the
+  arm64 node image, with the cffi extension built for its Python; its
+  junit report comes back to the host and is judged here.  This is the
+  only place the aarch64 injection code, the Python uffd-wp tracker and a
+  whole migration run on arm64.
 
 A guest that boots but fails is a failure; only a missing capability
 (qemu, cross compiler, kernel download, qemu-user binfmt to bootstrap the
@@ -17,7 +19,8 @@ arm64 image) skips, and says which.
 MIGRATOR_GUEST_ARM64_TIMEOUT       seconds for the self-test boot (default 300)
 MIGRATOR_GUEST_ARM64_TIER_TIMEOUT  seconds for the Python-tier boot (default 1200)
 MIGRATOR_GUEST_ARM64_TESTS         paths/options for the in-guest pytest
-                                   (default: the trackers, inject and CLI tests)
+                                   (default: the trackers, inject, CLI and
+                                   local migration tests, and the checksum's)
 MIGRATOR_GUEST_ARM64_EXAMPLES      hypothesis examples per property test in the
                                    guest (default: the project's profile, 60;
                                    one uffd-wp scenario costs about 2.5 s
@@ -40,7 +43,7 @@ TIER_TIMEOUT = float(os.environ.get("MIGRATOR_GUEST_ARM64_TIER_TIMEOUT", "1200")
 TIER_SELECTION = shlex.split(os.environ.get(
     "MIGRATOR_GUEST_ARM64_TESTS",
     "tests/linux/test_trackers.py tests/linux/test_inject.py tests/linux/test_cli.py "
-    "tests/unit/test_checksum.py"))
+    "tests/linux/test_local_migration.py tests/unit/test_checksum.py"))
 TIER_EXAMPLES = os.environ.get("MIGRATOR_GUEST_ARM64_EXAMPLES")
 JUNIT = "junit.xml"
 
@@ -146,3 +149,13 @@ def test_arm64_tier_ran_uffd_wp_trackers(tier):
     # Zero is a failure, never a skip: uffd-wp is arm64's only tracker.
     assert any(o == "passed" for _, o, _ in wp), (
         f"no uffd-wp tracker test passed inside the arm64 guest ({len(wp)} found: {wp})")
+
+
+def test_arm64_tier_migrated_with_uffd_wp(tier):
+    """A whole live migration (there and back) on arm64, tracked by uffd-wp:
+    the pre-copy no other tool has there.  Zero is a failure, never a skip."""
+    cases = _tier_cases(tier)
+    mig = [(cid, o, m) for cid, o, m in cases
+           if "test_local_migration" in cid and "uffd-wp" in cid]
+    assert any(o == "passed" for _, o, _ in mig), (
+        f"no live migration with uffd-wp passed inside the arm64 guest: {mig}")

@@ -88,6 +88,18 @@ def test_guest_ran_soft_dirty_tests(guest_run):
                     f"({len(sd)} found: {[(c, o, m) for c, o, m in sd]})")
 
 
+def test_guest_migrated_with_soft_dirty(guest_run):
+    """A whole live migration (there and back) tracked by soft-dirty: the
+    only kernel here that has it.  Zero is a failure, never a skip."""
+    if JUNIT not in guest_run.files:
+        pytest.fail("the guest wrote no junit report")
+    cases = list(guest.junit_cases(guest_run.files[JUNIT]))
+    mig = [(cid, o, m) for cid, o, m in cases
+           if "test_local_migration" in cid and "soft-dirty" in cid]
+    assert any(o == "passed" for _, o, _ in mig), (
+        f"no live migration with soft-dirty passed in the guest: {mig}")
+
+
 def test_guest_collect_benchmark(guest_run):
     """Prints the side-by-side table; asserts only that both trackers were
     measured, never a timing."""
