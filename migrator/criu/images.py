@@ -315,7 +315,7 @@ def decode_pstree(data: bytes, name: str = "pstree") -> list[tuple[int, tuple[in
                 threads.append(value)
             elif number == 5 and wire == 2:
                 _, pos = _read_varint(raw, 0, len(raw), where)     # the tag
-                n, pos = _read_varint(raw, pos, len(raw), where)   # the length
+                _, pos = _read_varint(raw, pos, len(raw), where)   # the length
                 while pos < len(raw):
                     tid, pos = _read_varint(raw, pos, len(raw), where)
                     threads.append(tid)

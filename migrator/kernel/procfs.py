@@ -112,9 +112,7 @@ def ended(pid: int) -> bool:
     parent): what an ESRCH or ENOENT about it can mean, or not."""
     try:
         state = status_field(pid, "State")
-    except FileNotFoundError:
-        return True
-    except ProcessLookupError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
     return state is None or state[:1] in ("Z", "X")
 

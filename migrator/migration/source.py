@@ -180,7 +180,9 @@ class Source:
             why = (self.channel.peer_error()
                    if isinstance(e, TransportError) and self.channel else None)
             if why:
-                e = MigrationError(phase, f"the destination failed ({why})")
+                told = MigrationError(phase, f"the destination failed ({why})")
+                told.__cause__ = e
+                e = told
             self._roll_back(phase, e)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise

@@ -236,7 +236,7 @@ def test_pid_taken_on_the_destination(pair):
     source keeps running."""
     a, b = pair
     w = Workload(a, "pidclash", mib=4)
-    holder = None
+    holder = svc = None
     # B's pids stay below A's workloads' (the fixture raised A's counter)
     last = b.run("cat /proc/sys/kernel/ns_last_pid").stdout.strip()
     try:
@@ -253,6 +253,8 @@ def test_pid_taken_on_the_destination(pair):
         w.keeps_running(a)
         w.assert_healthy()
     finally:
+        if svc is not None:
+            svc.stop()
         if holder:
             b.run(["kill", "-9", holder], check=False)
         b.run(f"echo {last} > /proc/sys/kernel/ns_last_pid")
@@ -267,6 +269,7 @@ def test_destination_out_of_space(pair):
     w = Workload(a, "nospace", mib=32)
     small = "/var/tmp/small"
     b.run(f"mkdir -p {small} && mount -t tmpfs -o size=8m none {small}")
+    svc = None
     try:
         log = f"/tmp/recv-nospace-{time.monotonic_ns()}.log"
         svc = b.spawn(["python3", "-m", "migrator", "recv", "--listen",
@@ -284,6 +287,8 @@ def test_destination_out_of_space(pair):
         w.assert_healthy()
         assert b.run(f"find {small} -type f").stdout.strip() == ""
     finally:
+        if svc is not None:
+            svc.stop()
         b.run(f"umount {small}", check=False)
         w.stop(a)
         w.stop(b)
