@@ -23,11 +23,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from migrator.tracking import features
+from tests.beds.waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COUNTER = os.path.join(ROOT, "tests", "workloads", "counter.py")
@@ -59,15 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Progress:
@@ -125,7 +116,7 @@ def migrate(send_prefix, pid, tracker, port, tmp_path, receiver):
     """Run `migrator send` (prefixed, e.g. with nsenter) to the receiver
     listening on port (receiver() is its log so far); returns the done
     event."""
-    wait_until(lambda: "listening" in receiver(), SLOW, "the receiver to listen")
+    wait_for(lambda: "listening" in receiver(), SLOW, "the receiver to listen")
     r = subprocess.run(send_prefix + MIGRATOR + [
         "send", "--pid", str(pid), "--to", f"127.0.0.1:{port}", "--insecure",
         "--json", "--tracker", tracker, "--workdir", str(tmp_path)],
@@ -146,7 +137,7 @@ def test_live_migration_into_a_pid_namespace_and_back(tracker, tmp_path):
     port_in, port_back = free_port(), free_port()
     ns = back = None
     try:
-        wait_until(lambda: progress.ticks() >= 3, SLOW, "the workload to count")
+        wait_for(lambda: progress.ticks() >= 3, SLOW, "the workload to count")
         # there: the receiver is in the new namespace, the source here
         ns = Namespace(
             " ".join(MIGRATOR + ["recv", "--listen", f"127.0.0.1:{port_in}",
@@ -157,7 +148,7 @@ def test_live_migration_into_a_pid_namespace_and_back(tracker, tmp_path):
         assert done["tracker"] == tracker, done
         work.wait(timeout=30)          # our child, destroyed at the Commit
         before = progress.ticks()
-        wait_until(lambda: progress.ticks() >= before + 3, SLOW,
+        wait_for(lambda: progress.ticks() >= before + 3, SLOW,
                    "the restored workload to count on")
         # back: the source now runs in the namespace, the receiver here
         back = subprocess.Popen(
@@ -171,7 +162,7 @@ def test_live_migration_into_a_pid_namespace_and_back(tracker, tmp_path):
         assert done["tracker"] == tracker, done
         assert back.wait(timeout=60) == 0
         before = progress.ticks()
-        wait_until(lambda: progress.ticks() >= before + 3, SLOW,
+        wait_for(lambda: progress.ticks() >= before + 3, SLOW,
                    "the workload to count on back home")
         with open(f"/proc/{pid}/status") as f:
             assert "\nNSpid:\t%d\n" % pid in f.read()   # in this namespace again

@@ -344,13 +344,17 @@ def test_probe_soft_dirty_matches_kernel_config():
     assert features.probe().soft_dirty is has, features.probe().why
 
 
-def test_uffd_wp_markers_dropped_before_checkpoint():
-    """Never-touched pages must not look swapped out to CRIU when it
-    checkpoints, and tracking must still see writes afterwards."""
+def needs_uffd_wp_async():
     caps = features.probe()
     if not caps.uffd_wp_async:
         pytest.skip(f"kernel capability uffd_wp_async missing: "
                     f"{caps.why['uffd_wp_async']}")
+
+
+def test_uffd_wp_markers_dropped_before_checkpoint():
+    """Never-touched pages must not look swapped out to CRIU when it
+    checkpoints, and tracking must still see writes afterwards."""
+    needs_uffd_wp_async()
     with Victim() as v:
         sc = Scenario(v)
         rid = sc.mmap(16)
@@ -378,10 +382,7 @@ def test_uffd_wp_mapping_unmapped_while_being_registered(monkeypatch):
     ENOMEM): that is the process changing its mappings, not the process
     gone.  The collect goes on with the mapping untracked, and whatever is
     there at the next collect is registered and reported whole."""
-    caps = features.probe()
-    if not caps.uffd_wp_async:
-        pytest.skip(f"kernel capability uffd_wp_async missing: "
-                    f"{caps.why['uffd_wp_async']}")
+    needs_uffd_wp_async()
     with Victim() as v:
         sc = Scenario(v)
         sc.mmap(8)
