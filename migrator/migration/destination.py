@@ -470,7 +470,9 @@ def resolve(base: str, migration: str, commit: bool) -> str:
         raise FileNotFoundError(f"no undecided migration {migration} in {base}") from None
     root = int(pid)
     if commit:
-        runner.resume(root)
+        # The way its kind resumes (a container: every task of its cgroup,
+        # and its registration on this node), as the Commit would have.
+        workload.resume_restored(os.path.join(d, "images"), root)
         outcome = f"resumed the restored tree {root}"
     else:
         workload.kill_tree(root)
