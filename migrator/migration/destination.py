@@ -342,7 +342,7 @@ class Session:
                 s.remove()
             return
         if self.restored is not None:
-            workload.kill_tree(self.restored)
+            workload.discard_restored(self.images_dir, self.restored)
         if self.lazy_pages is not None:
             self.lazy_pages.kill()
         if self.lazy_server is not None and self.lazy_server.poll() is None:
@@ -475,7 +475,7 @@ def resolve(base: str, migration: str, commit: bool) -> str:
         workload.resume_restored(os.path.join(d, "images"), root)
         outcome = f"resumed the restored tree {root}"
     else:
-        workload.kill_tree(root)
+        workload.discard_restored(os.path.join(d, "images"), root)
         outcome = f"destroyed the restored tree {root}; resume the source with SIGCONT"
     _remove_migration(d)
     return outcome

@@ -170,6 +170,13 @@ Resumer = Callable[[dict, int], None]
 RESUMERS: dict[str, Resumer] = {}
 
 
+# kind -> discard(manifest, root pid): undo what a Restorer did, when the
+# migration fails after the restore or `resolve --abort` decides so.
+# Kinds without one: SIGKILL the tree.
+Discarder = Callable[[dict, int], None]
+DISCARDERS: dict[str, Discarder] = {}
+
+
 def _load_kinds(kind: str) -> None:
     # Container kinds live in a layer above this one and register
     # themselves when imported; import them only when asked for one.
@@ -197,6 +204,22 @@ def restore(images_dir: str, lazy: bool = False) -> int:
     if fn is None:
         raise ValueError(f"this node cannot restore a {m['kind']!r} workload")
     return fn(images_dir, m)
+
+
+def discard_restored(images_dir: str, root_pid: int) -> None:
+    """Undo restore(images_dir), which returned root_pid, the way its kind
+    needs (a container also leaves its runtime's state)."""
+    try:
+        m = read_manifest(images_dir)
+    except ValueError:
+        kill_tree(root_pid)
+        return
+    _load_kinds(m["kind"])
+    fn = DISCARDERS.get(m["kind"])
+    if fn is None:
+        kill_tree(root_pid)
+    else:
+        fn(m, root_pid)
 
 
 def resume_restored(images_dir: str, root_pid: int) -> None:

@@ -236,8 +236,14 @@ def resume_restored(manifest: dict, pid: int) -> None:
             pass
 
 
+def discard_restored(manifest: dict, pid: int) -> None:
+    """A restored container that will not run after all: removed."""
+    podman(["rm", "-f", "-t", "0", manifest["id"]], check=False)
+
+
 def register() -> None:
     wl.RESTORERS["podman"] = restore
     wl.RESUMERS["podman"] = resume_restored
+    wl.DISCARDERS["podman"] = discard_restored
     # An archive cannot carry parent images: pages go into its images.
     wl.FLAT_IMAGES.add("podman")

@@ -327,7 +327,18 @@ def _register_moved(manifest: dict, pid: int) -> None:
                     manifest.get("id"), e)
 
 
+def discard_restored(manifest: dict, pid: int) -> None:
+    """A restored container that will not run after all: gone from the
+    runtime, its link off the bridge (the network namespace stays: it may
+    have been here before the migration)."""
+    _remove(manifest["runtime"], manifest["id"])
+    net = ContainerNetwork.from_manifest(manifest["id"], manifest.get("network"))
+    if net:
+        net.undo_prepare()
+
+
 def register() -> None:
     for name in RUNTIMES:
         wl.RESTORERS[name] = restore
         wl.RESUMERS[name] = resume_restored
+        wl.DISCARDERS[name] = discard_restored

@@ -278,3 +278,43 @@ def test_receiver_killed_leaves_source_running(pair):
         assert not c.listed(b)
     finally:
         c.remove()
+
+
+@pytest.mark.parametrize("decision", ["--commit", "--abort"])
+def test_commit_lost_then_resolved(pair, decision):
+    """The source container is destroyed and Commit never arrives: the
+    restored container waits stopped until `migrator resolve`, which
+    resumes it as the Commit would have, or removes it from the runtime."""
+    a, b, _ = pair
+    c = Container(a, b, "runc", f"undecided{decision[1:]}")
+    svc = None
+    try:
+        wait_for(lambda: c.last_tick(a) >= 5, 30, "container progress")
+        svc, log = receiver(b, a.peers[b.name])
+        r = a.run(["env", "MIGRATOR_FAULT=commit-send", "python3", "-m", "migrator",
+                   "send", c.id, "--to", f"{a.peers[b.name]}:{PORT}", "--json",
+                   "--insecure"], check=False, timeout=180)
+        assert r.returncode == 7, (r.stdout[-2000:], r.stderr[-2000:])
+        svc.wait(timeout=30)
+        undecided = [json.loads(ln) for ln in open(log).read().splitlines()
+                     if '"undecided"' in ln]
+        assert undecided, open(log).read()[-2000:]
+        assert c.status(a) is None, "the source container was not destroyed"
+        last = c.last_tick(b)
+        time.sleep(0.5)
+        assert c.last_tick(b) == last, "nobody may run before the decision"
+        out = b.run(["python3", "-m", "migrator", "resolve", "--dir", "/var/tmp/mig",
+                     "--migration", undecided[0]["migration"], decision]).stdout
+        if decision == "--commit":
+            assert "resumed" in out
+            c.keeps_counting(b)
+            assert c.status(b) == "running"
+            c.assert_healthy(b)
+        else:
+            assert "destroyed" in out
+            assert not c.listed(b), f"runc still lists {c.id} on b"
+        assert_destination_empty(b)
+    finally:
+        if svc is not None:
+            svc.stop()
+        c.remove()
