@@ -167,7 +167,10 @@ def test_lazy_fill_outlives_the_receiver(pair):
     are not the receiver's, so the tree still gets every page."""
     from migrator.kernel.procfs import process_tree
     a, b = pair
-    w = Workload(a, "lazykill", mib=64)
+    # 16 MiB: the fill takes 3 to 15 s here (CRIU's background fetch
+    # against the workload's own faults, each request 50 ms), and at worst
+    # one request per page, 4096 * 50 ms.
+    w = Workload(a, "lazykill", mib=16)
     log = f"/tmp/recv-lazykill-{time.monotonic_ns()}.log"
     svc = b.spawn(["env", "MIGRATOR_FAULT=store-server-slow", "python3", "-m",
                    "migrator", "recv", "--listen", f"{a.peers['b']}:{PORT}",
@@ -184,7 +187,7 @@ def test_lazy_fill_outlives_the_receiver(pair):
         os.kill(recv_pid, signal.SIGKILL)
         assert filling, "the daemon had finished before the receiver was killed"
         wait_for(lambda: not b.run("pgrep -f 'criu [l]azy-pages'", check=False).stdout.strip(),
-                 60, "the lazy-pages daemon to finish")
+                 300, "the lazy-pages daemon to finish")
         w.keeps_running(b, ticks=10)
         w.assert_healthy()
     finally:
