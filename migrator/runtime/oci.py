@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -116,6 +117,24 @@ def task_stopped(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
     except OSError:
         return True
+
+
+def check_left_stopped(cid: str, pid: int) -> None:
+    """After a restore meant to leave every task of container `cid` (init
+    `pid`) stopped until the Commit: OciError if one runs."""
+    running = [p for p in cgroup_of(pid).procs() if not task_stopped(p)]
+    if running:
+        raise OciError(f"restored {cid} but tasks {running} run before the "
+                       "commit (CRIU ignored leave-stopped)")
+
+
+def continue_tasks(pids) -> None:
+    """SIGCONT each of `pids`; one that is gone meanwhile is skipped."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 # ------------------------------------------------------------- cgroups

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -212,11 +211,7 @@ def restore(images_dir: str, manifest: dict) -> int:
                 os.unlink(path)
     try:
         pid = int(inspect(cid)["State"]["Pid"])
-        cg = oci.cgroup_of(pid)
-        running = [p for p in cg.procs() if not oci.task_stopped(p)]
-        if running:
-            raise OciError(f"restored {cid} but tasks {running} run before the "
-                           "commit (CRIU ignored leave-stopped)")
+        oci.check_left_stopped(cid, pid)
     except BaseException:
         podman(["rm", "-f", "-t", "0", cid], check=False)
         raise
@@ -229,11 +224,7 @@ def resume_restored(manifest: dict, pid: int) -> None:
         pids = oci.cgroup_of(pid).procs()
     except OSError:
         pids = [pid]
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    oci.continue_tasks(pids)
 
 
 def discard_restored(manifest: dict, pid: int) -> None:

@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from typing import Optional
@@ -271,11 +270,7 @@ def restore(images_dir: str, manifest: dict) -> int:
         shutil.rmtree(work, ignore_errors=True)
     try:
         st = oci.state(rt.name, cid)
-        cg = oci.cgroup_of(st.pid)
-        running = [p for p in cg.procs() if not oci.task_stopped(p)]
-        if running:
-            raise OciError(f"restored {cid} but tasks {running} run before the "
-                           "commit (CRIU ignored leave-stopped)")
+        oci.check_left_stopped(cid, st.pid)
         if net:
             net.go_live()
     except BaseException:
@@ -296,15 +291,10 @@ def resume_restored(manifest: dict, pid: int) -> None:
     """SIGCONT every process of the restored container (not only the init's
     descendants: a process started with `exec` is not one)."""
     try:
-        cg = oci.cgroup_of(pid)
-        pids = cg.procs()
+        pids = oci.cgroup_of(pid).procs()
     except OSError:
         pids = procfs.process_tree(pid)
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    oci.continue_tasks(pids)
     _register_moved(manifest, pid)
 
 
