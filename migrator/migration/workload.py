@@ -136,12 +136,13 @@ def check_pids_free(images_dir: str) -> None:
     taken = []
     for pid, threads in images.read_pstree(images_dir):
         for tid in sorted({pid, *threads}):
-            if os.path.exists(f"/proc/{tid}"):
-                try:
-                    who = procfs.comm(tid)
-                except OSError:
-                    who = "?"
-                taken.append(f"{tid} ({who})")
+            try:
+                who = procfs.comm(tid)
+            except FileNotFoundError:
+                continue            # free
+            except OSError:
+                who = "?"
+            taken.append(f"{tid} ({who})")
     if taken:
         raise PidsInUse(
             f"pids of the process tree are in use on this node: "
@@ -184,17 +185,21 @@ def _load_kinds(kind: str) -> None:
         import migrator.runtime  # noqa: F401
 
 
-def needs_flat_images(images_dir: str) -> bool:
+def _manifest(images_dir: str) -> dict:
+    """The manifest in images_dir, its kind's handlers registered."""
     m = read_manifest(images_dir)
     _load_kinds(m["kind"])
-    return m["kind"] in FLAT_IMAGES
+    return m
+
+
+def needs_flat_images(images_dir: str) -> bool:
+    return _manifest(images_dir)["kind"] in FLAT_IMAGES
 
 
 def restore(images_dir: str, lazy: bool = False) -> int:
     """Restore the tree in images_dir, stopped; with `lazy`, its memory is
     left to a lazy-pages daemon the caller started (criu/lazy.py)."""
-    m = read_manifest(images_dir)
-    _load_kinds(m["kind"])
+    m = _manifest(images_dir)
     if lazy:
         if m["kind"] != "process":
             raise ValueError(f"lazy restore covers process trees; this is a "
@@ -210,11 +215,10 @@ def discard_restored(images_dir: str, root_pid: int) -> None:
     """Undo restore(images_dir), which returned root_pid, the way its kind
     needs (a container also leaves its runtime's state)."""
     try:
-        m = read_manifest(images_dir)
+        m = _manifest(images_dir)
     except ValueError:
         kill_tree(root_pid)
         return
-    _load_kinds(m["kind"])
     fn = DISCARDERS.get(m["kind"])
     if fn is None:
         kill_tree(root_pid)
@@ -224,8 +228,7 @@ def discard_restored(images_dir: str, root_pid: int) -> None:
 
 def resume_restored(images_dir: str, root_pid: int) -> None:
     """Resume what restore(images_dir) returned, the way its kind needs."""
-    m = read_manifest(images_dir)
-    _load_kinds(m["kind"])
+    m = _manifest(images_dir)
     fn = RESUMERS.get(m["kind"])
     if fn is None:
         runner.resume(root_pid)
