@@ -85,6 +85,9 @@ CHUNK = 4 << 20                         # bytes received at a time
 MAX_ID = (1 << 32) - 1
 MAX_GET = 64 << 20                      # bytes one GET may ask (CRIU: 4 MiB)
 JOIN_TIMEOUT = 30.0
+# Where the TCP mode listens (start(tcp=True)), for a runtime that starts
+# CRIU itself.
+LOOPBACK = "127.0.0.1"
 
 
 class PageServerError(RuntimeError):
@@ -164,7 +167,7 @@ class _Peer:
     def start(self, tcp: bool = False) -> None:
         if tcp:
             self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind(("127.0.0.1", 0))
+            self._listener.bind((LOOPBACK, 0))
             self._listener.listen(4)
             self.port = self._listener.getsockname()[1]
         else:
@@ -181,7 +184,7 @@ class _Peer:
 
     def criu_args(self) -> list[str]:
         if self.port is not None:
-            return ["--page-server", "--address", "127.0.0.1", "--port", str(self.port)]
+            return ["--page-server", "--address", LOOPBACK, "--port", str(self.port)]
         return ["--page-server", "--ps-socket", str(self.criu_fd)]
 
     def criu_started(self) -> None:

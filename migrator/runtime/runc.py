@@ -40,6 +40,7 @@ import tempfile
 import time
 from typing import Optional
 
+from migrator.criu.page_server import LOOPBACK
 from migrator.kernel import procfs
 from migrator.migration import workload as wl
 from migrator.runtime import oci
@@ -138,11 +139,11 @@ class ContainerWorkload(wl.Workload):
         extra, env = [], None
         if page_server is not None:
             if self.runtime.page_server_flag:
-                extra = ["--page-server", f"127.0.0.1:{page_server.port}"]
+                extra = ["--page-server", f"{LOOPBACK}:{page_server.port}"]
             else:
                 conf = os.path.join(work, "criu-dump.conf")
                 with open(conf, "w") as f:
-                    f.write(f"page-server\naddress 127.0.0.1\nport {page_server.port}\n")
+                    f.write(f"page-server\naddress {LOOPBACK}\nport {page_server.port}\n")
                 env = {**os.environ, "CRIU_CONFIG_FILE": conf}
         try:
             res = oci.run(self.kind, [
