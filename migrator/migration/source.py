@@ -52,9 +52,9 @@ from migrator.kernel import procfs
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
-from migrator.migration.transport import Auth, Channel, TransportError
+from migrator.migration.transport import Auth, Channel, TransportError, stop_reason
 from migrator.migration.workload import ProcessTree, Workload, write_manifest
-from migrator.protocol.frames import (Abort, Commit, Error, Images, PageEncoder,
+from migrator.protocol.frames import (Abort, Commit, Images, PageEncoder,
                                       Process, ProtocolError,
                                       RestoreResult, RoundEnd, StartMigration,
                                       SwitchOver)
@@ -180,7 +180,7 @@ class Source:
             why = (self.channel.peer_error()
                    if isinstance(e, TransportError) and self.channel else None)
             if why:
-                told = MigrationError(phase, f"the destination failed ({why})")
+                told = _destination_failed(phase, why)
                 told.__cause__ = e
                 e = told
             self._roll_back(phase, e)
@@ -449,9 +449,9 @@ class Source:
         self.channel.sock.settimeout(self.opts.restore_timeout)
         ev = self.channel.next_event()
         t_restored = time.monotonic()
-        if isinstance(ev, Error):
-            raise MigrationError("restore", f"the destination failed "
-                                 f"({ev.phase}: {ev.message})")
+        why = stop_reason(ev)
+        if why:
+            raise _destination_failed("restore", why)
         if not isinstance(ev, RestoreResult):
             raise MigrationError("restore", f"destination answered {ev!r}")
         if not ev.ok:
@@ -623,6 +623,10 @@ class Source:
             self.channel.close()
         if self.dump_dir:
             shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+
+def _destination_failed(phase: str, why: str) -> MigrationError:
+    return MigrationError(phase, f"the destination failed ({why})")
 
 
 def _ended(pid: int, e: OSError) -> bool:

@@ -193,16 +193,13 @@ class Channel:
         Abort frame reached us before the connection broke (a receiver that
         fails mid-round says why, then closes; our next write meets the
         reset, while its frame sits unread in our socket)."""
-        from migrator.protocol.frames import Abort, Error
         try:
             self.sock.settimeout(wait)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                ev = self.next_event()
-                if isinstance(ev, Error):
-                    return f"{ev.phase}: {ev.message}"
-                if isinstance(ev, Abort):
-                    return ev.reason
+                why = stop_reason(self.next_event())
+                if why:
+                    return why
         except Exception:  # noqa: BLE001 - nothing more to learn from the link
             pass
         return None
@@ -218,5 +215,15 @@ class Channel:
             pass
 
 
+def stop_reason(event) -> str | None:
+    """Why the peer stopped, if `event` is its Error or Abort."""
+    from migrator.protocol.frames import Abort, Error
+    if isinstance(event, Error):
+        return f"{event.phase}: {event.message}"
+    if isinstance(event, Abort):
+        return event.reason
+    return None
+
+
 __all__ = ["Auth", "Channel", "ConnectionLost", "Pacer", "TransportError",
-           "parse_hostport"]
+           "parse_hostport", "stop_reason"]
