@@ -37,7 +37,7 @@ from migrator.criu import images, runner
 from migrator.criu.lazy import LazyPages
 from migrator.migration import levels, store_server, workload
 from migrator.migration.store import PageStore
-from migrator.migration.transport import Auth, Channel, TransportError
+from migrator.migration.transport import Auth, Channel, TransportError, describe
 from migrator.protocol.connection import ConnectionClosed, State
 from migrator.protocol.frames import (Abort, Commit, Error, Images, PageBatch,
                                       ProtocolError, RestoreResult, RoundEnd,
@@ -200,9 +200,7 @@ class Session:
             # The source learns why (it is sending, not reading: see
             # Channel.peer_error); a no-op once the peer stopped or the
             # connection already told it.
-            ch.tell_error(ch.conn.state.name.lower(),
-                          "interrupted" if isinstance(e, KeyboardInterrupt)
-                          else str(e) or type(e).__name__)
+            ch.tell_error(ch.conn.state.name.lower(), describe(e))
             self._fail(e)
             raise
         finally:

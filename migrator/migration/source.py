@@ -52,7 +52,8 @@ from migrator.kernel import procfs
 from migrator.kernel.pagemap import Pagemap
 from migrator.kernel.vmread import read_ranges
 from migrator.migration.policy import Convergence, Limits, RoundStats
-from migrator.migration.transport import Auth, Channel, TransportError, stop_reason
+from migrator.migration.transport import (Auth, Channel, TransportError, describe,
+                                          stop_reason)
 from migrator.migration.workload import ProcessTree, Workload, write_manifest
 from migrator.protocol.frames import (Abort, Commit, Images, PageEncoder,
                                       Process, ProtocolError,
@@ -188,7 +189,7 @@ class Source:
                 raise
             if isinstance(e, MigrationError):
                 raise e
-            raise MigrationError(phase, _describe(e)) from e
+            raise MigrationError(phase, describe(e)) from e
         finally:
             self._cleanup()
 
@@ -602,7 +603,7 @@ class Source:
     # -- failure ------------------------------------------------------
     def _roll_back(self, phase: str, exc: BaseException) -> None:
         log.warning("migration failed in %s (%s): rolling back", phase,
-                    _describe(exc))
+                    describe(exc))
         for t in self.trackers.values():
             try:
                 t.stop()
@@ -612,7 +613,7 @@ class Source:
             self.workload.resume()
         if self.channel:
             try:
-                self.channel.send(Abort(f"{phase}: {_describe(exc)}"[:900]))
+                self.channel.send(Abort(f"{phase}: {describe(exc)}"[:900]))
             except Exception:  # noqa: BLE001 - the link may be what failed
                 pass
 
@@ -646,13 +647,6 @@ def _restore_timings(message: str) -> dict:
         return {}
     return {k: float(d[k]) for k in ("rebuild_ms", "criu_restore_ms")
             if isinstance(d.get(k), (int, float))}
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    text = str(e) or type(e).__name__
-    return text
 
 
 def send(pid: int, opts: SendOptions, emit: Callable[[dict], None]) -> dict:

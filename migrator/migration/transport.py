@@ -215,6 +215,13 @@ class Channel:
             pass
 
 
+def describe(e: BaseException) -> str:
+    """An error as one line for the peer and the log."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return str(e) or type(e).__name__
+
+
 def stop_reason(event) -> str | None:
     """Why the peer stopped, if `event` is its Error or Abort."""
     from migrator.protocol.frames import Abort, Error
@@ -226,4 +233,4 @@ def stop_reason(event) -> str | None:
 
 
 __all__ = ["Auth", "Channel", "ConnectionLost", "Pacer", "TransportError",
-           "parse_hostport", "stop_reason"]
+           "describe", "parse_hostport", "stop_reason"]
