@@ -61,7 +61,7 @@ from migrator.protocol.frames import (Abort, Commit, Images, PageEncoder,
                                       SwitchOver)
 from migrator.ranges import PAGE_SIZE, RangeList
 from migrator.tracking import features
-from migrator.tracking.base import Tracker
+from migrator.tracking.base import Tracker, TrackerError
 from migrator.tracking.scan import concat
 from migrator.tracking.select import choose, make_tracker, process_facts
 
@@ -197,12 +197,22 @@ class Source:
     def _start_tracking(self) -> None:
         caps = features.probe()
         tree = self.workload.pids()
-        decisions = [choose(features.arch(), caps, process_facts(p, caps),
-                            self.opts.tracker) for p in tree]
+        decisions = []
+        for p in tree:
+            try:
+                d = choose(features.arch(), caps, process_facts(p, caps),
+                           self.opts.tracker)
+                k = procfs.innermost_pid(p)
+            except OSError as e:
+                # a child gone since the tree was listed: not to move
+                if p == tree[0] or not _ended(p, e):
+                    raise
+                log.info("pid %d exited before its tracking started", p)
+                continue
+            decisions.append(d)
+            self.ckpt[p] = k
         self.emit({"event": "start", "pid": tree[0], "processes": [
             d.as_dict() for d in decisions]})
-        for d in decisions:
-            self.ckpt[d.pid] = procfs.innermost_pid(d.pid)
         if len(set(self.ckpt.values())) != len(self.ckpt):
             raise MigrationError("track", "the processes do not share one pid "
                                  f"namespace: {self.ckpt}")
@@ -210,12 +220,19 @@ class Source:
             uuid.uuid4().hex,
             [Process(self.ckpt[d.pid], d.tracker) for d in decisions],
             PAGE_SIZE))
+        self._first = {}
         for d in decisions:
             t = make_tracker(d, caps)
             self.trackers[d.pid] = t
             self.clean[self.ckpt[d.pid]] = RangeList()
-            self.pagemaps[d.pid] = Pagemap(d.pid)
-        self._first = {pid: t.start() for pid, t in self.trackers.items()}
+            try:
+                self.pagemaps[d.pid] = Pagemap(d.pid)
+                self._first[d.pid] = t.start()
+            except (OSError, TrackerError):
+                # announced, then gone: like an exit during pre-copy
+                if d.pid == tree[0] or not procfs.ended(d.pid):
+                    raise
+                self._exited(d.pid)
 
     def _tracker_summary(self) -> str:
         names = sorted({t.name for t in self.trackers.values()})
@@ -230,7 +247,9 @@ class Source:
             t.stop()
         except OSError:
             pass
-        self.pagemaps.pop(pid).close()
+        pm = self.pagemaps.pop(pid, None)
+        if pm is not None:
+            pm.close()
         self.clean[self.ckpt[pid]] = RangeList()
 
     def _collect(self, stopped: bool = False) -> dict[int, object]:
