@@ -19,8 +19,10 @@ unless the benchmark itself cannot run).  See benchmarks/README.md.
    each round after --settle seconds of rest.
 2. Live migration A -> B of a --size-mib process dirtying --rate-mib MiB/s
    over a veth shaped to --link-mbit both ways: migrator's downtime and
-   its breakdown, against stop-and-copy B -> A (criu dump, copy the
-   images over the same link, criu restore), whose downtime is all of it.
+   its breakdown (also with `recv --lazy-restore`, and with
+   `recv --no-reserve` to show what holding memory for the restore is
+   worth), against stop-and-copy B -> A (criu dump, copy the images over
+   the same link, criu restore), whose downtime is all of it.
 3. Peak RSS (VmHWM) of the `migrator send` and `migrator recv` processes
    of part 2.
 
@@ -61,7 +63,7 @@ RSS_TARGET_MIB = 100
 
 ROUND_HEADER = ("data     method            MiB    wire-MiB   sec-med   sec-min  "
                 "MiB/s-med  vs-floor  vs-f+s  vs-criu  setup-ms")
-DOWN_HEADER = ("method           downtime-ms-med  downtime-ms-min  total-ms-med  "
+DOWN_HEADER = ("method              downtime-ms-med  downtime-ms-min  total-ms-med  "
                "rounds  sent-MiB  verify")
 BREAK_HEADER = "breakdown (ms, median)            " + "  ".join(
     ("dump", "last_collect", "delta_send", "restore", "commit", "delta_pages"))
@@ -471,9 +473,11 @@ def stop_and_copy(src, dst, d):
 
 
 # part 2's methods: name -> extra arguments of `migrator recv` (None:
-# stop-and-copy)
+# stop-and-copy); "no-reserve" shows what the memory held for the restore
+# (migration/reserve.py) is worth
 METHODS = {"migrator": (), "stop-and-copy": None,
-           "migrator lazy": ("--lazy-restore",)}
+           "migrator lazy": ("--lazy-restore",),
+           "migrator no-reserve": ("--no-reserve",)}
 
 
 def part2(a, b, mib, rate, mbit, repeats, results):
@@ -516,7 +520,8 @@ def part2(a, b, mib, rate, mbit, repeats, results):
         net.shape(b, b.ifnames["a"])
     results["downtime"] = {"migrator": runs["migrator"],
                            "stop_and_copy": runs["stop-and-copy"],
-                           "migrator_lazy": runs["migrator lazy"]}
+                           "migrator_lazy": runs["migrator lazy"],
+                           "migrator_no_reserve": runs["migrator no-reserve"]}
     return runs
 
 
@@ -561,14 +566,15 @@ def report(results, args, out):
     dt = results.get("downtime")
     if dt:
         mig, sc, lazy = dt["migrator"], dt["stop_and_copy"], dt["migrator_lazy"]
+        live = (("migrator", mig), ("migrator lazy", lazy),
+                ("migrator no-reserve", dt["migrator_no_reserve"]))
         p()
         p(f"2. downtime, {args.size_mib} MiB dirtying {args.rate_mib} MiB/s, veth "
           f"shaped to {args.link_mbit} Mbit/s both ways (each move to the other "
           "node; which method goes first rotates)")
         p(DOWN_HEADER)
-        for name, xs in (("migrator", mig), ("stop-and-copy", sc),
-                         ("migrator lazy", lazy)):
-            p(f"{name:<16} {med([x['downtime_ms'] for x in xs]):16.0f} "
+        for name, xs in (live[0], ("stop-and-copy", sc), *live[1:]):
+            p(f"{name:<19} {med([x['downtime_ms'] for x in xs]):16.0f} "
               f"{min(x['downtime_ms'] for x in xs):16.0f} "
               f"{med([x['total_ms'] for x in xs]):13.0f} "
               f"{fmt(med([x['rounds'] for x in xs]) if 'rounds' in xs[0] else None, '7.0f')} "
@@ -577,21 +583,22 @@ def report(results, args, out):
         keys = ("dump_ms", "last_collect_ms", "delta_send_ms", "restore_ms",
                 "commit_ms", "delta_pages")
         p(BREAK_HEADER)
-        for name, xs in (("migrator", mig), ("migrator lazy", lazy)):
+        for name, xs in live:
             p(f"{name:<33}" + "  ".join(
                 f"{med([x['breakdown'][k] for x in xs]):>{len(k) - 3 if k != 'delta_pages' else 11}.0f}"
                 for k in keys))
-            split = [k for k in ("rebuild_ms", "criu_restore_ms")
+            split = [k for k in ("rebuild_ms", "criu_restore_ms", "reserved_mib")
                      if all(k in x['breakdown'] for x in xs)]
             if split:
                 p("  restore at the destination: " + ", ".join(
-                    f"{k[:-3]} {med([x['breakdown'][k] for x in xs]):.0f}" for k in split))
+                    f"{k.rsplit('_', 1)[0]} {med([x['breakdown'][k] for x in xs]):.0f}"
+                    + (" MiB" if k.endswith("mib") else " ms") for k in split))
         p(f"  migrator pages per round (each repeat): "
           f"{'; '.join(str(x['round_pages']) for x in mig)}")
         p(f"  stop-and-copy parts (ms, median): dump "
           f"{med([x['dump_ms'] for x in sc]):.0f}, copy {med([x['copy_ms'] for x in sc]):.0f}, "
           f"restore {med([x['restore_ms'] for x in sc]):.0f}")
-        for name, xs in (("migrator", mig), ("migrator lazy", lazy)):
+        for name, xs in live:
             ratio = med([x['downtime_ms'] for x in xs]) / med([x['downtime_ms'] for x in sc])
             p(f"  target downtime <= {DOWNTIME_TARGET}x stop-and-copy, {name}: "
               f"{'met' if ratio <= DOWNTIME_TARGET else 'MISSED'} ({ratio:.3f}x)")

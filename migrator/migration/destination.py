@@ -3,7 +3,9 @@
 One migration at a time, each in DIR/<migration id>/:
 
     store/pages-<pid>.store.K page store per process (sparse segment
-                              files, store.py)
+                              files, store.py); as they fill, a helper
+                              holds as much memory ready for the restore
+                              (reserve.py)
     images/                   CRIU's image files as received, pagemaps
                               rewritten to read from levels/
     images/levels/level-K/    the stores as CRIU parent images (levels.py):
@@ -36,6 +38,7 @@ from typing import Callable
 from migrator.criu import images, runner
 from migrator.criu.lazy import LazyPages
 from migrator.migration import levels, store_server, workload
+from migrator.migration.reserve import Reserve
 from migrator.migration.store import PageStore
 from migrator.migration.transport import Auth, Channel, TransportError, describe
 from migrator.protocol.connection import ConnectionClosed, State
@@ -118,7 +121,10 @@ class PageWriter:
 
 class Session:
     def __init__(self, base: str, channel: Channel, emit: Callable[[dict], None],
-                 lazy: bool = False, lazy_timeout: float = 600.0):
+                 lazy: bool = False, lazy_timeout: float = 600.0,
+                 reserve: bool = True):
+        self.reserve_memory = reserve
+        self.reserve: Reserve | None = None
         self.lazy = lazy  # restore with CRIU's lazy-pages daemon (criu/lazy.py)
         self.lazy_timeout = lazy_timeout
         self.lazy_pages: LazyPages | None = None
@@ -147,6 +153,11 @@ class Session:
         os.makedirs(os.path.join(self.dir, "store"))
         os.makedirs(self.images_dir)
         self.writer = PageWriter(start.page_size, self.channel.conn.limits)
+        if self.reserve_memory:
+            try:
+                self.reserve = Reserve(os.path.join(self.dir, "store"))
+            except OSError as e:  # only the downtime suffers
+                log.warning("no memory held for the restore: %s", e)
         for p in start.processes:
             self.stores[p.pid] = PageStore(
                 os.path.join(self.dir, "store", f"pages-{p.pid}.store"),
@@ -172,6 +183,8 @@ class Session:
                                "reason": ev.reason})
                 elif isinstance(ev, RoundEnd):
                     self.writer.drain()  # the round's pages are all stored
+                    if self.reserve is not None:
+                        self.reserve.full_speed()  # paced in round 1: reserve.py
                     if ch.conn.state is State.RESTORING:
                         self._restore()
                     else:
@@ -205,10 +218,15 @@ class Session:
             raise
         finally:
             self._stop_writer()
+            self._release_reserve()
             for f in self.files.values():
                 f.close()
             for s in self.stores.values():
                 s.close()
+
+    def _release_reserve(self) -> None:
+        if self.reserve is not None:
+            self.reserve.release()
 
     def _stop_writer(self) -> None:
         if self.writer is not None:
@@ -283,6 +301,8 @@ class Session:
             if self.lazy:
                 self.lazy_pages = LazyPages.start(self.images_dir,
                                                   ps_socket=self._start_store_server())
+            # last before CRIU: the memory it frees meets the restore's faults
+            reserved = self.reserve.hand_over() if self.reserve is not None else 0
             self.restored = workload.restore(self.images_dir, lazy=self.lazy)
         except Exception as e:  # noqa: BLE001 - reported to the source
             msg = str(e) or type(e).__name__
@@ -295,9 +315,11 @@ class Session:
         # The timings ride at the end of the message as JSON (the source's
         # breakdown shows them); the protocol has no field for them.
         timings = json.dumps({"rebuild_ms": round((t1 - t0) * 1000, 1),
-                              "criu_restore_ms": round((t2 - t1) * 1000, 1)})
+                              "criu_restore_ms": round((t2 - t1) * 1000, 1),
+                              "reserved_mib": reserved >> 20})
         self.channel.send(RestoreResult(True, f"restored as pid {self.restored}, "
                                               f"stopped until Commit {timings}"))
+        self._release_reserve()  # what the restore did not take; out of the downtime
         self.emit({"event": "restored", "pid": self.restored})
 
     def _prepare_pages(self) -> None:
@@ -360,7 +382,7 @@ def _remove_migration(d: str) -> None:
 
 
 def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
-               live: set, lazy: bool) -> bool:
+               live: set, lazy: bool, reserve: bool) -> bool:
     """One migration on an accepted socket; True if it succeeded."""
     try:
         if auth.tls:
@@ -369,7 +391,7 @@ def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
         channel = Channel(sock, auth.connection("receiver", socket.gethostname()),
                           timeout=timeout)
         channel.handshake()
-        emit(Session(base, channel, emit, lazy=lazy).run())
+        emit(Session(base, channel, emit, lazy=lazy, reserve=reserve).run())
         return True
     except (ProtocolError, TransportError, OSError, runner.CriuError,
             RuntimeError, ValueError, images.ImageError) as e:
@@ -386,11 +408,12 @@ def _serve_one(sock, peer, base: str, auth: Auth, emit, timeout: float,
 
 def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
           once: bool = False, timeout: float = 60.0, parallel: int = 4,
-          lazy: bool = False) -> int:
+          lazy: bool = False, reserve: bool = True) -> int:
     """Accept migrations until stopped, up to `parallel` at once (each in
     its own directory), or exactly one with `once`.  Returns the number
     that failed.  On Ctrl-C / SIGTERM every migration in progress is cut
-    off and cleans up like any failed one."""
+    off and cleans up like any failed one.  With `reserve`, each holds
+    memory ready for its restore while its pages arrive (reserve.py)."""
     from migrator.migration.transport import parse_hostport
     host, port = parse_hostport(listen)
     os.makedirs(base, exist_ok=True)
@@ -409,12 +432,14 @@ def serve(listen: str, base: str, auth: Auth, emit: Callable[[dict], None],
         say({"event": "listening", "address": listen})
         if once:
             sock, peer = srv.accept()
-            return 0 if _serve_one(sock, peer, base, auth, say, timeout, live, lazy) else 1
+            ok = _serve_one(sock, peer, base, auth, say, timeout, live, lazy, reserve)
+            return 0 if ok else 1
 
         def work(sock, peer):
             nonlocal failures
             try:
-                if not _serve_one(sock, peer, base, auth, say, timeout, live, lazy):
+                if not _serve_one(sock, peer, base, auth, say, timeout, live,
+                                  lazy, reserve):
                     with lock:
                         failures += 1
             finally:

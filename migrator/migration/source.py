@@ -657,14 +657,15 @@ def _ended(pid: int, e: OSError) -> bool:
 
 
 def _restore_timings(message: str) -> dict:
-    """rebuild_ms / criu_restore_ms from the JSON object a destination puts
-    at the end of RestoreResult's message (none from an older one)."""
+    """rebuild_ms / criu_restore_ms / reserved_mib from the JSON object a
+    destination puts at the end of RestoreResult's message (none from an
+    older one)."""
     m = re.search(r"(\{[^{}]*\})\s*$", message)
     try:
         d = json.loads(m.group(1)) if m else {}
     except ValueError:
         return {}
-    return {k: float(d[k]) for k in ("rebuild_ms", "criu_restore_ms")
+    return {k: float(d[k]) for k in ("rebuild_ms", "criu_restore_ms", "reserved_mib")
             if isinstance(d.get(k), (int, float))}
 
 

@@ -218,6 +218,40 @@ def test_pre_copy_rounds_shrink_the_final_delta(pair):
         w.stop(b)
 
 
+@pytest.mark.parametrize("recv_extra", [(), ("--no-reserve",)], ids=["reserve", "no-reserve"])
+def test_memory_held_for_the_restore(pair, recv_extra):
+    """While pre-copy runs, a helper of the receiver holds as much memory as
+    the page stores; it hands it over to the restore and ends.  With
+    --no-reserve there is none."""
+    a, b = pair
+    w = Workload(a, f"reserve{len(recv_extra)}", mib=64)
+    try:
+        seen = []
+        svc, log = receiver(b, a.peers["b"], "--insecure", *recv_extra)
+        sender, slog = start_sender(a, w.pid, a.peers["b"], "--insecure",
+                                    "--bandwidth", "16")
+        while sender.running():
+            seen += reserve_helpers(b)
+            time.sleep(0.2)
+        assert sender.wait(timeout=10) == 0, open(slog).read()[-2000:]
+        svc.wait(timeout=30)
+        done = json.loads(open(slog).read().strip().splitlines()[-1])
+        held = done["breakdown_ms"]["reserved_mib"]
+        print(f"\nheld for the restore: {held} MiB, breakdown {done['breakdown_ms']}")
+        if recv_extra:
+            assert held == 0 and not seen
+        else:
+            # 64 MiB of stores; the helper runs when the CPU is idle, and
+            # round 1 takes seconds at 16 MiB/s
+            assert seen and held >= 32
+        w.keeps_running(b)
+        assert not reserve_helpers(b), "the memory reserve outlived the restore"
+        w.assert_healthy()
+    finally:
+        w.stop(a)
+        w.stop(b)
+
+
 def test_shared_memory_round_trip(pair):
     """A buffer in anonymous shared memory: CRIU dumps it as shmem, which
     the sender's page server writes whole (it is not in any process's
@@ -401,9 +435,16 @@ def assert_source_intact(node, w):
     w.assert_healthy()
 
 
+def reserve_helpers(node) -> list[str]:
+    """Pids of memory-reserve helpers (migration/reserve.py) on node."""
+    r = node.run(["pgrep", "-f", "migrator[.]migration[.]reserve"], check=False)
+    return r.stdout.split()
+
+
 def assert_destination_empty(node):
     r = node.run(["sh", "-c", "ls -A /var/tmp/mig 2>/dev/null || true"])
     assert r.stdout.strip() == "", f"left on the destination: {r.stdout}"
+    wait_for(lambda: not reserve_helpers(node), 10, "the memory reserve to end")
 
 
 SLOW = ("--bandwidth", "2", "--downtime-ms", "1")  # pre-copy lasts seconds
