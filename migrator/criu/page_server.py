@@ -51,6 +51,8 @@ Images are named as CRIU's page server names them: pages ids count from
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import socket
@@ -88,6 +90,45 @@ JOIN_TIMEOUT = 30.0
 # Where the TCP mode listens (start(tcp=True)), for a runtime that starts
 # CRIU itself.
 LOOPBACK = "127.0.0.1"
+
+
+class _Sink:
+    """Drops bytes from a socket inside the kernel: spliced into a pipe and
+    from the pipe into /dev/null, never copied into this process.  The
+    dump's clean pages are most of a final dump, and reading them cost
+    the page server 0.5 CPU-seconds per GiB, inside the downtime."""
+
+    PIPE_SIZE = 1 << 20
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
+        except OSError:
+            pass            # the default size: more calls, same result
+        self.null = os.open(os.devnull, os.O_WRONLY)
+
+    def drop(self, fd: int, n: int) -> None:
+        """Drop exactly n bytes read from fd; EOFError(bytes left) if it
+        ends first.  An OSError from the first call consumed nothing."""
+        left = n
+        try:
+            while left > 0:
+                k = os.splice(fd, self.w, left)
+                if k == 0:
+                    raise EOFError(left)
+                left -= k
+                while k > 0:
+                    k -= os.splice(self.r, self.null, k)
+        except OSError as e:
+            if left < n:
+                raise OSError(errno.EIO, f"dropping bytes of the stream failed "
+                                         f"{n - left} bytes in: {e.strerror}") from e
+            raise
+
+    def close(self) -> None:
+        for fd in (self.r, self.w, self.null):
+            os.close(fd)
 
 
 class PageServerError(RuntimeError):
@@ -315,6 +356,8 @@ class DumpPageServer(_Peer):
         self.held = held
         self.kept: dict[int, RangeList] = {}
         self.bytes_written = 0
+        self.bytes_dropped = 0   # of bytes_received: held pages, not read
+        self._sink = _Sink() if hasattr(os, "splice") else None
         self._cur: Optional[_Images] = None
         self._cur_id: Optional[int] = None   # checkpoint pid of _cur
         self._cur_dst: Optional[int] = None
@@ -327,6 +370,9 @@ class DumpPageServer(_Peer):
 
     def close(self) -> None:
         super().close()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
         if self._cur is not None:
             try:
                 self._cur.close()
@@ -407,12 +453,36 @@ class DumpPageServer(_Peer):
         pos = 0
         while pos < size:
             n = min(CHUNK, size - pos)
-            data = self._recv_exact(n)
             lo = vaddr + pos
-            for s, t in keep.clip(lo, lo + n):
+            runs = keep.clip(lo, lo + n)
+            if not runs and self._drop(n):
+                pos += n
+                continue
+            data = self._recv_exact(n)
+            for s, t in runs:
                 pwrite_all(cur.fd, data[s - lo:t - lo], base + (s - vaddr))
                 self.bytes_written += t - s
             pos += n
+
+    def _drop(self, n: int) -> bool:
+        """Drop the next n bytes of the stream without reading them; False
+        if this socket cannot be spliced (nothing consumed then)."""
+        if self._sink is None:
+            return False
+        try:
+            self._sink.drop(self._sock.fileno(), n)
+        except EOFError as e:
+            raise PageServerError(f"connection closed {n - e.args[0]} bytes into "
+                                  f"{n} bytes of pages") from None
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._sink.close()      # not for this socket; nothing consumed
+            self._sink = None
+            return False
+        self.bytes_received += n
+        self.bytes_dropped += n
+        return True
 
 
 class StorePageServer(_Peer):

@@ -1,12 +1,14 @@
 """Memory the destination holds ready for the restore.
 
 CRIU's restore writes the tree's whole memory into new anonymous pages,
-inside the downtime.  How long that takes depends on where the pages come
-from.  A VM whose hypervisor takes back guest memory that stays free
-(free page reporting or a balloon: Firecracker, cloud-hypervisor, QEMU's
-virtio-balloon) pays a hypervisor fault for each page it touches again;
-measured on these machines, CRIU restored 1 GiB in 3.1-4.0 s from such
-memory and in 0.8-1.8 s right after the same amount had been freed.
+inside the downtime, and how long that takes depends on the memory it
+gets: on these machines CRIU restored 1 GiB in 3.1-4.0 s from memory that
+had stayed free for seconds, and in 0.8-1.8 s right after a process had
+freed as much.  Our reading, not proven: these VMs hand memory that stays
+free back to their hypervisor (virtio-balloon free page reporting, as
+Firecracker, cloud-hypervisor and QEMU offer), which then costs a
+hypervisor fault per page when touched again; memory freed a moment ago
+has not been handed back yet.  A bare-metal node should gain little.
 
 So while pre-copy runs, a helper process faults in anonymous memory as
 large as the page stores (what the restore will write), following them as
@@ -14,8 +16,8 @@ rounds add pages.  During the first round it grows at most PACE bytes a
 second: that round moves the bulk and may need every CPU there is, and a
 helper growing at full speed beside it halved its throughput on these
 machines (`benchmarks/migration.py` part 1, half-zero data, zstd 1: 278
-MiB/s against 576 MiB/s without; SCHED_IDLE did not prevent it, as the
-hypervisor's faults for fresh memory stall the vCPU whoever runs on it).
+MiB/s against 576 MiB/s without; SCHED_IDLE did not prevent it, perhaps
+because a vCPU stalled in the hypervisor's fault runs nothing else).
 Over a link slow enough for pre-copy to matter the first round lasts long
 enough to be covered at that pace; after it, later rounds are small and
 the helper grows at full speed.  When CRIU starts,

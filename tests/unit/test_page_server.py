@@ -116,6 +116,54 @@ def test_dump_pages_arrive_in_pieces_larger_than_a_chunk(tmp_path, monkeypatch):
     assert data == want
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["socketpair", "tcp"])
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "no-splice"])
+def test_dump_drops_held_chunks_unread(tmp_path, monkeypatch, tcp, splice):
+    """Chunks the destination holds whole are dropped in the kernel
+    (spliced to /dev/null); the stream stays in step around them."""
+    monkeypatch.setattr("migrator.criu.page_server.CHUNK", 2 * P)
+    held = {5: RangeList([(0x2000, 0x6000), (0x9000, 0xA000)])}
+    ps = DumpPageServer(str(tmp_path), held)
+    if not splice:
+        ps._sink.close()
+        ps._sink = None
+    ps.start(tcp=tcp)
+    try:
+        c = Criu(ps)
+        c.open2(PS_TYPE_PID, 5)
+        c.send(PS_IOV_ADD_F, 10, 0, 5 << 8 | PS_TYPE_PID, PE_PRESENT, page(1, 10))
+        c.send(PS_IOV_ADD_F, 2, 0x20000, 5 << 8 | PS_TYPE_PID, PE_PRESENT, page(40, 2))
+        c.close()
+        assert ps.finish() == {5: RangeList([(0, 0x2000), (0x6000, 0x9000),
+                                             (0x20000, 0x22000)])}
+    finally:
+        ps.close()
+    # chunks [0x2000, 0x4000) and [0x4000, 0x6000) are held whole: dropped;
+    # [0x8000, 0xA000) is held in part: read
+    assert ps.bytes_dropped == (4 * P if splice else 0)
+    assert ps.bytes_received >= 12 * P
+    data = (tmp_path / images.read_pagemap(tmp_path, 5).pages_name).read_bytes()
+    want = bytearray(page(1, 10) + page(40, 2))
+    want[0x2000:0x6000] = bytes(0x4000)
+    want[0x9000:0xA000] = bytes(0x1000)
+    assert data == want
+
+
+def test_dump_stream_cut_while_dropping(tmp_path):
+    ps = DumpPageServer(str(tmp_path), {5: RangeList([(0, 0x100000)])})
+    ps.start()
+    try:
+        c = Criu(ps)
+        c.open2(PS_TYPE_PID, 5)
+        c.send(PS_IOV_ADD_F, 256, 0, 5 << 8 | PS_TYPE_PID, PE_PRESENT, page(1, 10))
+        c.sock.close()
+        with pytest.raises(PageServerError, match="connection closed 40960 bytes "
+                                                  "into 1048576 bytes of pages"):
+            ps.finish()
+    finally:
+        ps.close()
+
+
 def test_dump_that_ends_without_close_is_an_error(dump):
     c = Criu(dump)
     c.open2(PS_TYPE_PID, 7)
