@@ -450,19 +450,25 @@ class DumpPageServer(_Peer):
         cur.kept.extend(keep)
         base = cur.size
         cur.size += size
-        pos = 0
-        while pos < size:
-            n = min(CHUNK, size - pos)
-            lo = vaddr + pos
-            runs = keep.clip(lo, lo + n)
-            if not runs and self._drop(n):
-                pos += n
-                continue
-            data = self._recv_exact(n)
-            for s, t in runs:
-                pwrite_all(cur.fd, data[s - lo:t - lo], base + (s - vaddr))
-                self.bytes_written += t - s
-            pos += n
+        # The bytes of kept runs are read and written at their offsets;
+        # those in between (held at the destination) are dropped unread.
+        pos = vaddr
+        for s, t in keep:
+            self._skip(s - pos)
+            while s < t:
+                n = min(CHUNK, t - s)
+                pwrite_all(cur.fd, self._recv_exact(n), base + (s - vaddr))
+                self.bytes_written += n
+                s += n
+            pos = t
+        self._skip(vaddr + size - pos)
+
+    def _skip(self, n: int) -> None:
+        if n and not self._drop(n):
+            while n:
+                k = min(CHUNK, n)
+                self._recv_exact(k)
+                n -= k
 
     def _drop(self, n: int) -> bool:
         """Drop the next n bytes of the stream without reading them; False
