@@ -447,8 +447,10 @@ class Source:
                 self.dumped = True
             if ps:
                 self.kept = ps.finish()
-                log.info("page server: %d MiB received from CRIU, %d MiB written",
-                         ps.bytes_received >> 20, ps.bytes_written >> 20)
+                log.info("page server: %d MiB received from CRIU (%d MiB held at the "
+                         "destination, dropped unread), %d MiB written",
+                         ps.bytes_received >> 20, ps.bytes_dropped >> 20,
+                         ps.bytes_written >> 20)
         finally:
             if ps:
                 ps.close()
