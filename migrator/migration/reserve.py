@@ -212,7 +212,10 @@ def hand_over(held: list[mmap.mmap], free: Callable[[], int],
 # answers with one line, the bytes it held.
 FULL_SPEED = b"f"
 HAND_OVER = b"h"
-ANSWER_TIMEOUT = 1.0  # seconds; the helper answers between two steps
+# The helper answers between two steps; one that does not (starved of CPU
+# under SCHED_IDLE on a busy node) is ended instead, freeing everything at
+# once, rather than the downtime waiting on it.
+ANSWER_TIMEOUT = 0.25
 
 
 class Reserve:
@@ -240,7 +243,7 @@ class Reserve:
     def hand_over(self) -> int:
         """The restore starts: the helper stops growing and frees its
         memory as the restore takes memory.  Returns the bytes it held
-        (0 if it does not answer in time)."""
+        (0 if it does not answer in time: then it is ended)."""
         try:
             self.proc.stdin.write(HAND_OVER)
             self.proc.stdin.flush()
@@ -248,7 +251,9 @@ class Reserve:
             return 0     # it is gone, and its memory with it
         out = self.proc.stdout
         if not select.select([out], [], [], ANSWER_TIMEOUT)[0]:
-            log.warning("the memory reserve did not answer in %.0f s", ANSWER_TIMEOUT)
+            log.warning("the memory reserve did not answer in %.2f s; ended",
+                        ANSWER_TIMEOUT)
+            self.release()
             return 0
         try:
             return int(out.readline())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import time
 
 import pytest
@@ -191,6 +192,18 @@ def test_helper_holds_the_stores_size_then_hands_it_over(tmp_path):
     assert r.proc.returncode is not None
     assert not os.path.exists(f"/proc/{r.proc.pid}")
     r.release()     # idempotent
+
+
+def test_helper_that_does_not_answer_is_ended(tmp_path, caplog):
+    r = Reserve(str(tmp_path))
+    try:
+        r.proc.send_signal(signal.SIGSTOP)      # as if starved of CPU
+        caplog.set_level(logging.WARNING, "migrator.reserve")
+        assert r.hand_over() == 0
+        assert "did not answer" in caplog.text
+        assert r.proc.returncode is not None
+    finally:
+        r.release()
 
 
 @pytest.mark.parametrize("growing", [False, True], ids=["waiting", "growing"])
