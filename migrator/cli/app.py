@@ -230,11 +230,11 @@ def recv(
              "killed.")] = False,
     reserve: Annotated[bool, typer.Option(
         "--reserve/--no-reserve",
-        help="While pre-copy runs, hold as much memory as the page stores "
-             "(never more than the node and its cgroups can spare) and free it "
-             "just before the restore, which then writes into memory the "
-             "kernel has at hand. Shortens the downtime on VMs that hand free "
-             "memory back to their hypervisor.")] = True,
+        help="While pages arrive, hold as much memory as the page stores (paced "
+             "in the first round; never more than the node and its cgroups can "
+             "spare) and free it step by step as the restore fills the tree, "
+             "whose page faults then take memory freed a moment before. "
+             "Shortened the restore on the VMs measured.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="JSON events, one per line.")] = False,
 ):
     """Receive and restore migrations, one after another, until stopped."""
