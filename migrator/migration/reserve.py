@@ -234,21 +234,14 @@ class Reserve:
         if not self.paced:
             return
         self.paced = False
-        try:
-            self.proc.stdin.write(FULL_SPEED)
-            self.proc.stdin.flush()
-        except OSError:
-            pass         # it is gone: the restore goes without
+        self._tell(FULL_SPEED)
 
     def hand_over(self) -> int:
         """The restore starts: the helper stops growing and frees its
         memory as the restore takes memory.  Returns the bytes it held
         (0 if it does not answer in time: then it is ended)."""
-        try:
-            self.proc.stdin.write(HAND_OVER)
-            self.proc.stdin.flush()
-        except OSError:
-            return 0     # it is gone, and its memory with it
+        if not self._tell(HAND_OVER):
+            return 0
         out = self.proc.stdout
         if not select.select([out], [], [], ANSWER_TIMEOUT)[0]:
             log.warning("the memory reserve did not answer in %.2f s; ended",
@@ -259,6 +252,16 @@ class Reserve:
             return int(out.readline())
         except ValueError:
             return 0
+
+    def _tell(self, what: bytes) -> bool:
+        """Write one command to the helper; False if it is gone (and its
+        memory with it: the restore goes without)."""
+        try:
+            self.proc.stdin.write(what)
+            self.proc.stdin.flush()
+        except OSError:
+            return False
+        return True
 
     def release(self) -> None:
         """End the helper; its memory is free when this returns.
